@@ -1,0 +1,49 @@
+"""Base config: the blog's model and training setup (its example 2), one cell, 256 seeds."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.corpus = "blog_varied"  # Built-in corpus: blog_repetitive, blog_varied, nursery.
+  config.data.corpus_file = ""  # Path to a UTF-8 text file; overrides data.corpus when set.
+  config.data.tokenization = "char"  # "char" or "word" (vocab by frequency, id 0 reserved).
+  config.data.context_length = 3  # Tokens of context per training window (blog: 3 chars).
+  config.data.drop_last_window = True  # Blog's range(len - seq_length) skips the last window.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.embed_dim = 10  # Embedding width (blog: 10).
+  config.model.hidden = 50  # LSTM units (blog: 50).
+  config.model.layers = 1  # Stacked LSTM layers.
+  config.model.dropout = 0.2  # Dropout rate on the LSTM output, in [0, 1).
+  config.model.mode = "last"  # "last": predict from the last state (blog); "all": every step.
+  config.model.init = "keras"  # "keras": Keras defaults as in the blog; "flax": flax defaults.
+
+  config.train = ml_collections.ConfigDict()
+  config.train.optimizer = "adam"  # "adam", "sgd" or "rmsprop".
+  config.train.learning_rate = 1e-3  # Step size, > 0.
+  config.train.adam_eps = 1e-7  # Adam epsilon (Keras default 1e-7).
+  config.train.batch_size = 32  # Minibatch size (Keras default 32); last batch may be partial.
+  config.train.epochs = 100  # Passes over the training windows.
+  config.train.shuffle = True  # Reshuffle windows every epoch (Keras default).
+
+  config.generate = ml_collections.ConfigDict()
+  config.generate.prompts = ("the",)  # Prompts to continue; the first is the blog's probe.
+  config.generate.include_training_contexts = True  # Also continue every distinct context.
+  config.generate.length = 64  # Generated tokens per prompt (L), >= 8.
+  config.generate.strategy = "greedy"  # "greedy", "temperature", "top_k" or "top_p".
+  config.generate.temperature = 1.0  # Softmax temperature for sampling strategies, > 0.
+  config.generate.top_k = 5  # Tokens kept by "top_k", >= 1.
+  config.generate.top_p = 0.9  # Probability mass kept by "top_p", in (0, 1].
+
+  config.study = ml_collections.ConfigDict()
+  config.study.seeds = 256  # Seeds per scenario, each its own init, shuffling and dropout.
+  config.study.seed_offset = 0  # Seed i uses PRNG key seed_offset + i.
+  config.study.scenarios = []  # Named overrides of this config; empty = one "default" cell.
+  config.study.grid = ml_collections.ConfigDict()  # Axes, e.g. grid.train.learning_rate=(...).
+  config.study.max_parallel_seeds = 0  # Seeds per compiled call (memory cap); 0 = all.
+  config.study.epochs_per_call = 10  # Epochs per jitted call, so progress shows while training.
+  config.study.decodings = []  # Named generate overrides, each decoding the same trained seeds.
+  return config
