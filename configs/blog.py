@@ -28,4 +28,5 @@ def get_config():
       model=dict(dropout=0.5),
     ),
   ]
+  config.study.claims = "blog"  # End the report with the blog's claims, checked.
   return config

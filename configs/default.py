@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 32  # Minibatch size (Keras default 32); last batch may be partial.
   config.train.epochs = 100  # Passes over the training windows.
   config.train.shuffle = True  # Reshuffle windows every epoch (Keras default).
+  config.train.divergence_factor = 10.0  # Diverged: non-finite, or final loss > this x log(V).
 
   config.generate = ml_collections.ConfigDict()
   config.generate.prompts = ("the",)  # Prompts to continue; the first is the blog's probe.
@@ -46,4 +47,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.study.max_parallel_seeds = 0  # Seeds per compiled call (memory cap); 0 = all.
   config.study.epochs_per_call = 10  # Epochs per jitted call, so progress shows while training.
   config.study.decodings = []  # Named generate overrides, each decoding the same trained seeds.
+  config.study.claims = ""  # Claims the report checks: "" (none) or "blog" (research/claims.py).
   return config

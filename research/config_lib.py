@@ -71,6 +71,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of("train.optimizer", t.optimizer, train_lib.OPTIMIZERS)
   _check(t.learning_rate > 0, "train.learning_rate", "> 0", t.learning_rate)
   _check(t.adam_eps > 0, "train.adam_eps", "> 0", t.adam_eps)
+  _check(t.divergence_factor > 1, "train.divergence_factor", "> 1", t.divergence_factor)
   _check(
     _is_int(t.batch_size) and t.batch_size >= 1, "train.batch_size", "an int >= 1", t.batch_size
   )

@@ -8,12 +8,14 @@ import jax.numpy as jnp
 
 
 def tail_period(x_L) -> jax.Array:
-  """Smallest p <= L/4 with x[t] == x[t-p] over the last L/2 tokens; 0 when there is none."""
+  """Smallest p <= L/4 such that the last L/2 tokens repeat with period p; 0 when none does.
+
+  "Repeat with period p" means x[t] == x[t - p] for every pair of positions inside the tail.
+  """
   length = x_L.shape[-1]
-  half, max_p = length // 2, length // 4
-  tail = x_L[..., half:]
+  tail = x_L[..., length - length // 2 :]
   ok_P = jnp.stack(
-    [jnp.all(tail == x_L[..., half - p : length - p], axis=-1) for p in range(1, max_p + 1)],
+    [jnp.all(tail[..., p:] == tail[..., :-p], axis=-1) for p in range(1, length // 4 + 1)],
     axis=-1,
   )
   return jnp.where(ok_P.any(axis=-1), jnp.argmax(ok_P, axis=-1) + 1, 0)

@@ -23,7 +23,10 @@ def wilson(successes: int, trials: int, z: float = Z95) -> Interval:
   denom = 1 + z**2 / trials
   centre = (p + z**2 / (2 * trials)) / denom
   half = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denom
-  return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+  # At k = 0 or k = n one bound is exactly 0 or 1; rounding would leave it a hair off.
+  low = 0.0 if successes == 0 else max(0.0, centre - half)
+  high = 1.0 if successes == trials else min(1.0, centre + half)
+  return Interval(p, low, high)
 
 
 def bootstrap_mean(values, num_resamples: int = 2000, seed: int = 0, level: float = 0.95):

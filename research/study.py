@@ -121,13 +121,17 @@ def make_finalize(config, dataset: data_lib.Dataset):
         top_token_share=metrics.top_token_share(x_PxL, vocab_size),
         probe_continuation_L=x_PxL[0],
       )
+    final_loss = train_lib.cross_entropy(logits, targets, ones_N)
+    # LSTM gates saturate, so even absurd step sizes rarely overflow: a loss far above the
+    # untrained log(V) counts as diverged too.
+    exploded = ~(final_loss <= config.train.divergence_factor * jnp.log(vocab_size))
     evals = EvalMetrics(
-      final_loss=train_lib.cross_entropy(logits, targets, ones_N),
+      final_loss=final_loss,
       accuracy=jnp.mean(jnp.argmax(logits_V, -1) == targets_N),
       entropy=metrics.mean_entropy(logits_V),
       argmax_constant=metrics.argmax_constant(logits_V),
       probe=probe,
-      diverged=state.diverged | ~jnp.isfinite(train_lib.cross_entropy(logits, targets, ones_N)),
+      diverged=state.diverged | exploded,
     )
     return evals, decoded
 
@@ -392,7 +396,6 @@ def summarize(meta: dict, arrays: dict, decoding: str) -> dict:
     scenario=meta["name"] + (f"@{decoding}" if decoding else ""),
     cell=meta["name"],
     decoding=decoding or cfg["generate"]["strategy"],
-    **{k.split(".")[-1]: v for k, v in meta["axes"].items()},
     corpus=cfg["data"]["corpus_file"] or cfg["data"]["corpus"],
     tokenization=cfg["data"]["tokenization"],
     learning_rate=cfg["train"]["learning_rate"],
@@ -419,6 +422,8 @@ def summarize(meta: dict, arrays: dict, decoding: str) -> dict:
     collapse_tokens=_distribution(arrays[pre + "collapse_token"][collapsed], vocab),
     seconds=meta["seconds"],
   )
+  for path, value in meta["axes"].items():  # Grid axes beyond the standard columns.
+    row.setdefault(path.split(".")[-1], value)
   return row
 
 

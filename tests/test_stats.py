@@ -1,0 +1,45 @@
+"""Confidence intervals against known values."""
+
+import math
+
+import numpy as np
+import pytest
+
+from research import stats
+
+
+@pytest.mark.parametrize(
+  "k, n, low, high",
+  [
+    # Reference values: Wilson score interval, z = 1.96 (e.g. statsmodels proportion_confint).
+    (0, 10, 0.0, 0.27753),
+    (5, 10, 0.23659, 0.76341),
+    (10, 10, 0.72247, 1.0),
+  ],
+)
+def test_wilson_known_values(k, n, low, high):
+  ci = stats.wilson(k, n)
+  assert ci.estimate == pytest.approx(k / n)
+  assert ci.low == pytest.approx(low, abs=2e-5)
+  assert ci.high == pytest.approx(high, abs=2e-5)
+
+
+@pytest.mark.parametrize("k, n", [(81, 263), (1, 3), (999, 1000)])
+def test_wilson_bounds_solve_the_score_equation(k, n):
+  # The bounds are the p with (k/n - p)^2 = z^2 p (1 - p) / n.
+  ci = stats.wilson(k, n)
+  for p in (ci.low, ci.high):
+    assert (k / n - p) ** 2 == pytest.approx(stats.Z95**2 * p * (1 - p) / n, rel=1e-9, abs=1e-15)
+  assert ci.low < k / n < ci.high
+
+
+def test_wilson_no_trials_is_nan():
+  assert math.isnan(stats.wilson(0, 0).estimate)
+
+
+def test_bootstrap_mean_covers_the_mean():
+  values = np.random.default_rng(0).normal(3.0, 1.0, 400)
+  ci = stats.bootstrap_mean(values)
+  assert ci.low < values.mean() < ci.high
+  assert ci.high - ci.low == pytest.approx(2 * 1.96 / 20, rel=0.25)
+  assert math.isnan(stats.bootstrap_mean([np.nan]).estimate)
