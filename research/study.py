@@ -470,12 +470,17 @@ def format_table(rows: list[dict]) -> str:
   lines = [header, "-" * len(header)]
   for r in rows:
     ci = f"{r['collapse_rate']:.3f} [{r['collapse_low']:.3f},{r['collapse_high']:.3f}]"
+    if r["diverged"] == r["seeds"]:
+      ci = "all seeds diverged"
     probe = f"{r['probe_top']!r}:{r['probe_top_share']:.2f}" if r["probe_top"] else "-"
     lines.append(
       f"{r['scenario'][:34]:<34} {r['seeds']:>5} {r['diverged']:>4} {ci:>22} "
       f"{r['argmax_constant_rate']:>12.3f} {r['final_loss_mean']:>6.3f} "
       f"{r['accuracy_mean']:>5.2f} {r['distinct_2_mean']:>6.3f} {probe:>10}"
     )
+  for r in rows:
+    if r["trivial_vocab"]:
+      lines.append(f"note: {r['scenario']}: one distinct token in the corpus, collapse is trivial")
   return "\n".join(lines)
 
 
