@@ -24,7 +24,7 @@ class ConfigError(ValueError):
   """An invalid config value, with a one-line message naming the field."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Cell:
   """One scenario (x grid point): a full config to run over all seeds."""
 

@@ -232,7 +232,7 @@ def _run_group(group: _Group, pending, workdir: str, progress: "_Progress") -> N
       state, loss_CxE = group.run_epochs(state, min(per_call, epochs - done))
       losses.append(loss_CxE)
       jax.block_until_ready(loss_CxE)
-      progress.epochs(len(rows), min(done + per_call, epochs), epochs, time.time() - t0)
+      progress.epochs(len(rows), min(done + per_call, epochs), epochs, t0)
     evals, decoded = _to_host(group.finalize(state))
     loss_CxE = np.concatenate([np.asarray(_to_host(x)) for x in losses], axis=1)
     seconds = time.time() - t0
@@ -281,24 +281,29 @@ def _cell_done(workdir: str, cell: config_lib.Cell) -> bool:
 
 
 class _Progress:
-  """Logs cells done / total, seeds per second and an ETA."""
+  """Logs cells done / total, seeds per second and an ETA for the whole study."""
 
-  def __init__(self, total_cells: int, seeds: int):
-    self.total_cells, self.seeds = total_cells, seeds
-    self.cells_done = 0
+  def __init__(self, total_cells: int, seed_epochs: int):
+    self.total_cells, self.cells_done = total_cells, 0
+    self.seed_epochs_total, self.seed_epochs_done = seed_epochs, 0
     self.start = time.time()
     self.last = 0.0
 
-  def epochs(self, num_seeds, epoch, epochs, elapsed) -> None:
+  def epochs(self, num_seeds: int, epochs_done: int, epochs: int, chunk_start: float) -> None:
+    """Called after each jitted call of `epochs_done` of `epochs` epochs on num_seeds seeds."""
     now = time.time()
-    if now - self.last < 2.0 and epoch != epochs:
+    seed_epochs = self.seed_epochs_done + num_seeds * epochs_done
+    if epochs_done == epochs:
+      self.seed_epochs_done = seed_epochs
+    if now - self.last < 2.0 and epochs_done != epochs:
       return
     self.last = now
-    rate = num_seeds * epoch / epochs / max(elapsed, 1e-9)
+    rate = seed_epochs / max(now - self.start, 1e-9)  # Compile time included: an honest ETA.
+    eta = (self.seed_epochs_total - seed_epochs) / max(rate, 1e-9)
     logging.info(
-      "cells %d/%d | epoch %d/%d of %d seeds | %.1f seeds/s | chunk ETA %.0fs",
-      self.cells_done, self.total_cells, epoch, epochs, num_seeds, rate,
-      elapsed * (epochs - epoch) / max(epoch, 1),
+      "cells %d/%d | epoch %d/%d of %d seeds | %.1f seeds/s | ETA %.0fs",
+      self.cells_done, self.total_cells, epochs_done, epochs, num_seeds,
+      num_seeds * epochs_done / epochs / max(now - chunk_start, 1e-9), eta,
     )  # fmt: skip
 
   def cell_done(self, name: str) -> None:
@@ -499,11 +504,12 @@ def run_study(config, workdir: str, overwrite: bool = False) -> list[dict]:
     "%d cells x %d seeds in %d compiled program(s) on %s",
     len(cells), config.study.seeds, len(built), device_summary(),
   )  # fmt: skip
-  progress = _Progress(len(cells), config.study.seeds)
-  for group, group_cells in built:
-    pending = [c for c in group_cells if not _cell_done(workdir, c)]
+  pending_of = [[c for c in group if not _cell_done(workdir, c)] for _, group in built]
+  seed_epochs = sum(c.config.train.epochs for p in pending_of for c in p) * config.study.seeds
+  progress = _Progress(len(cells), seed_epochs)
+  for (group, group_cells), pending in zip(built, pending_of, strict=True):
     for cell in group_cells:
-      if _cell_done(workdir, cell):
+      if cell not in pending:
         logging.info("skipping %s: already finished in %s", cell.name, workdir)
         progress.cell_done(cell.name)
     if pending:
