@@ -9,13 +9,14 @@ import re
 
 import ml_collections
 
+from research import claims as claims_lib
 from research import data as data_lib
 from research import generate as generate_lib
 from research import model as model_lib
 from research import train as train_lib
 
 # Fields that only change how a study is executed, never its numbers.
-EXECUTION_FIELDS = ("study.max_parallel_seeds", "study.epochs_per_call")
+EXECUTION_FIELDS = ("study.max_parallel_seeds", "study.epochs_per_call", "study.claims")
 # Fields that change no array shape: traced, so cells differing only here share one program.
 TRACED_FIELDS = {"train.learning_rate": "learning_rate", "model.dropout": "dropout"}
 
@@ -87,6 +88,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "non-empty (or include_training_contexts set)",
     g.prompts,
   )
+  _one_of("study.claims", s.claims, claims_lib.CLAIM_SETS)
   _check(_is_int(s.seeds) and s.seeds >= 1, "study.seeds", "an int >= 1", s.seeds)
   _check(
     _is_int(s.seed_offset) and s.seed_offset >= 0, "study.seed_offset", "an int >= 0", s.seed_offset

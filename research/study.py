@@ -354,8 +354,10 @@ def prepare_workdir(workdir: str, config, overwrite: bool) -> None:
   if overwrite:
     shutil.rmtree(os.path.join(workdir, CELLS_DIR))
     os.makedirs(os.path.join(workdir, CELLS_DIR))
-    for name in ("results.json", "results.csv", "per_seed.npz", "report.md"):
-      if os.path.exists(os.path.join(workdir, name)):
+    for name in os.listdir(workdir):
+      if name in ("results.json", "results.csv", "per_seed.npz", "report.md") or name.endswith(
+        ".png"
+      ):
         os.unlink(os.path.join(workdir, name))
   files.write_json(
     config_path,

@@ -1,0 +1,214 @@
+"""The blog post's claims as pure verdict rules on results rows.
+
+A row is one results.json row (research/study.py summarize) with three fields the report adds
+from the workdir: most_frequent_token (the corpus' most frequent token, vocab[1]) and
+distinct_2_low / distinct_2_high (95% bootstrap interval of the mean over seeds).
+
+"Clearly" below means: the two 95% intervals do not overlap. That is a conservative test (a
+difference can be real while intervals touch), so verdicts err towards "mixed".
+"""
+
+import dataclasses
+import math
+
+from research import stats
+
+CLAIM_SETS = ("", "blog")  # Values of config.study.claims; "" checks none.
+SUPPORTED, NOT_SUPPORTED, MIXED, UNTESTED = "supported", "not supported", "mixed", "untested"
+HALF = 0.5  # "Consistently" / "most seeds": more than half, with the interval clear of it.
+
+# Verdict rules, printed in the note so a reader can check them against the numbers.
+RULES = (
+  "Intervals are 95% Wilson intervals over seeds (rates) or 95% bootstrap intervals of the "
+  "mean (distinct-2); diverged seeds are excluded. *A below B* means A's interval lies "
+  "entirely below B's.",
+  "**Claim 1** is *supported* when the intervals of both the collapse rate and the share of "
+  "seeds whose probe is the most frequent token lie above 0.5, *not supported* when both lie "
+  "below 0.5, and *mixed* otherwise.",
+  "**Claim 2** is *supported* when scenario 2's collapse rate is below scenario 1's and its "
+  "interval lies below 0.5; *not supported* when it is above scenario 1's, or lies above 0.5 "
+  "without being below scenario 1's; *mixed* otherwise (e.g. neither scenario collapses, so "
+  "there is nothing to fix).",
+  "**Claim 3** compares scenario 3 with scenario 2: an improvement is a collapse rate below, or "
+  "a distinct-2 above, scenario 2's; a regression is the reverse. *Supported*: at least one "
+  "improvement and no regression; *not supported*: at least one regression and no improvement; "
+  "*mixed*: both, or neither. Distinct-2 counts noise as diversity (a barely trained model "
+  "sampled at temperature 1 scores high), so read it with the loss, which the verdict ignores.",
+  "The blog decodes greedily; verdicts under other decodings (`@name` groups) are extras.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+  """One claim, the numbers that test it and the verdict they give."""
+
+  claim: str
+  measured: str
+  verdict: str
+  reason: str
+
+
+def _num(x) -> float:
+  return math.nan if x is None else float(x)
+
+
+def _valid_seeds(row) -> int:
+  return int(row["seeds"]) - int(row["diverged"])
+
+
+def below(a_high, b_low) -> bool:
+  """A's interval lies entirely below B's (False when either bound is NaN)."""
+  return _num(a_high) < _num(b_low)
+
+
+def _ci(rate, low, high) -> str:
+  return f"{_num(rate):.3f} [{_num(low):.3f}, {_num(high):.3f}]"
+
+
+def _collapse(row) -> str:
+  return _ci(row["collapse_rate"], row["collapse_low"], row["collapse_high"])
+
+
+def _distinct_2(row) -> str:
+  return _ci(row["distinct_2_mean"], row.get("distinct_2_low"), row.get("distinct_2_high"))
+
+
+def probe_interval(row) -> stats.Interval:
+  """Share of non-diverged seeds whose probe is the most frequent training token."""
+  n = _valid_seeds(row)
+  share = row["probe_distribution"].get(row["most_frequent_token"], 0.0)
+  return stats.wilson(round(share * n), n)
+
+
+def _untested(claim: str, why: str) -> Check:
+  return Check(claim, "-", UNTESTED, why)
+
+
+def _missing(claim: str, **rows) -> Check | None:
+  for name, row in rows.items():
+    if row is None:
+      return _untested(claim, f"no {name} row in the results")
+    if _valid_seeds(row) == 0:
+      return _untested(claim, f"every seed of {row['scenario']} diverged")
+  return None
+
+
+CLAIM_1 = (
+  "Repetitive text, Adam lr 0.1 and no dropout make the model consistently predict the most "
+  "frequent training token ('t' in the blog's text), the same token whatever the input."
+)
+CLAIM_2 = "Varied text with lr 1e-3 and dropout 0.2 fixes the collapse of scenario 1."
+CLAIM_3 = (
+  "Lr 1e-4 with dropout 0.5 improves output diversity even more than scenario 2 (less "
+  "fixated on a single token)."
+)
+
+
+def _majority(above: bool, under: bool, what: str) -> str:
+  """How a share compares with half the seeds, in words."""
+  if above:
+    return f"most seeds {what}"
+  return f"few seeds {what}" if under else f"the share that {what} is not clear of 0.5"
+
+
+def claim_1(s1) -> Check:
+  """Scenario 1 collapses, and its probe is the corpus' most frequent token, for most seeds."""
+  if (missing := _missing(CLAIM_1, scenario_1=s1)) is not None:
+    return missing
+  probe = probe_interval(s1)
+  token = s1["most_frequent_token"]
+  measured = (
+    f"collapse {_collapse(s1)}; probe = {token!r} (most frequent) in "
+    f"{_ci(probe.estimate, probe.low, probe.high)} of seeds; most common probe "
+    f"{s1['probe_top']!r} ({_num(s1['probe_top_share']):.2f})"
+  )
+  collapses, predicts = s1["collapse_low"] > HALF, probe.low > HALF
+  never_collapses, never_predicts = s1["collapse_high"] < HALF, probe.high < HALF
+  reason = "; ".join(
+    [
+      _majority(collapses, never_collapses, "collapse"),
+      _majority(predicts, never_predicts, f"predict {token!r}"),
+    ]
+  )
+  if collapses and predicts:
+    return Check(CLAIM_1, measured, SUPPORTED, reason)
+  if never_collapses and never_predicts:
+    return Check(CLAIM_1, measured, NOT_SUPPORTED, reason)
+  return Check(CLAIM_1, measured, MIXED, reason)
+
+
+def claim_2(s1, s2) -> Check:
+  """Scenario 2 collapses less than scenario 1, and in fewer than half of its seeds."""
+  if (missing := _missing(CLAIM_2, scenario_1=s1, scenario_2=s2)) is not None:
+    return missing
+  measured = f"collapse {_collapse(s2)} vs scenario 1 {_collapse(s1)}"
+  lower = below(s2["collapse_high"], s1["collapse_low"])
+  higher = below(s1["collapse_high"], s2["collapse_low"])
+  if lower and s2["collapse_high"] < HALF:
+    return Check(CLAIM_2, measured, SUPPORTED, "scenario 2 collapses clearly less, and rarely")
+  if higher:
+    return Check(CLAIM_2, measured, NOT_SUPPORTED, "scenario 2 collapses more than scenario 1")
+  if s2["collapse_low"] > HALF and not lower:
+    return Check(CLAIM_2, measured, NOT_SUPPORTED, "scenario 2 still collapses in most seeds")
+  if lower:
+    return Check(CLAIM_2, measured, MIXED, "less collapse, but not clearly below half the seeds")
+  reason = "the collapse rates' intervals overlap"
+  if s1["collapse_high"] < HALF:
+    reason += "; scenario 1 collapses in few seeds, so there is little to fix"
+  return Check(CLAIM_2, measured, MIXED, reason)
+
+
+def claim_3(s2, s3) -> Check:
+  """Scenario 3 improves on scenario 2: less collapse or more distinct bigrams, neither worse."""
+  if (missing := _missing(CLAIM_3, scenario_2=s2, scenario_3=s3)) is not None:
+    return missing
+  measured = (
+    f"collapse {_collapse(s3)} vs {_collapse(s2)}; distinct-2 {_distinct_2(s3)} vs "
+    f"{_distinct_2(s2)}; median loss {_num(s3['final_loss_median']):.3f} vs "
+    f"{_num(s2['final_loss_median']):.3f}"
+  )
+  evidence = {
+    "less collapse": below(s3["collapse_high"], s2["collapse_low"]),
+    "more distinct-2": below(s2.get("distinct_2_high"), s3.get("distinct_2_low")),
+  }
+  against = {
+    "more collapse": below(s2["collapse_high"], s3["collapse_low"]),
+    "less distinct-2": below(s3.get("distinct_2_high"), s2.get("distinct_2_low")),
+  }
+  found = [k for k, v in evidence.items() if v]
+  contra = [k for k, v in against.items() if v]
+  if found and not contra:
+    return Check(CLAIM_3, measured, SUPPORTED, ", ".join(found))
+  if contra and not found:
+    return Check(CLAIM_3, measured, NOT_SUPPORTED, ", ".join(contra))
+  if found:
+    return Check(CLAIM_3, measured, MIXED, ", ".join(found + contra))
+  return Check(CLAIM_3, measured, MIXED, "no difference clear of the intervals")
+
+
+def scenario_number(row) -> int | None:
+  """1, 2 or 3 for the blog's scenarios (cell names "1_...", "2_...", "3_..."), else None."""
+  head = row["cell"].split("_", 1)[0]
+  return int(head) if head in ("1", "2", "3") else None
+
+
+def group_label(row) -> str:
+  """What, besides the scenario, tells rows apart: the grid point and the decoding."""
+  base = row["cell"].split("[", 1)[0]
+  label = row["cell"][len(base) :]
+  if "@" in row["scenario"]:
+    label += "@" + row["scenario"].rsplit("@", 1)[1]
+  return label
+
+
+def check_blog(rows: list[dict]) -> list[tuple[str, list[Check]]]:
+  """Every blog claim per (grid point, decoding) group of rows, in the rows' order."""
+  groups: dict[str, dict[int, dict]] = {}
+  for row in rows:
+    number = scenario_number(row)
+    if number is not None:
+      groups.setdefault(group_label(row), {})[number] = row
+  return [
+    (label, [claim_1(s.get(1)), claim_2(s.get(1), s.get(2)), claim_3(s.get(2), s.get(3))])
+    for label, s in groups.items()
+  ]
