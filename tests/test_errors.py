@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 from conftest import ROOT, subprocess_env, tiny_config
 
@@ -164,3 +165,6 @@ def test_float64_opt_in(tmp_path):
   out = run_tiny(tmp_path, "--jax_enable_x64")
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads((tmp_path / "config.json").read_text())["x64"] is True
+  with np.load(tmp_path / "per_seed.npz") as z:
+    assert z["default/final_loss"].dtype == np.float64
+    assert z["default/loss_curve"].dtype == np.float64

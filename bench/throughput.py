@@ -1,0 +1,442 @@
+"""Training throughput of the blog's scenario 2: vmapped seeds vs a Python loop vs the roofline.
+
+  python bench/throughput.py          # 1, 64, 256, 1024 seeds; writes bench/results.json
+  python bench/throughput.py --seeds=256,1024 --repeats=5
+  python bench/throughput.py --quick  # a smoke test: 2 epochs, 1 and 4 seeds
+
+Measures, in one process on one machine:
+  1. vmapped training, compiled and called exactly as research/study.py does (jit(vmap(init)),
+     then jit(vmap(run_epochs), donate) every study.epochs_per_call epochs): compile time,
+     steady-state seeds/s (compile excluded; median of --repeats), peak memory;
+  2. the loop a user would write: for each seed, for each step, a jitted train.train_step;
+  3. the FLOP roofline: analytic model FLOPs per seed and a float32 matmul probe's FLOP/s.
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import research  # noqa: E402, F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
+
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from configs import blog  # noqa: E402
+from research import config_lib, files  # noqa: E402
+from research import data as data_lib  # noqa: E402
+from research import model as model_lib  # noqa: E402
+from research import train as train_lib  # noqa: E402
+
+SCENARIO = "2_varied_lr1e-3_do0.2"
+FLAGS = flags.FLAGS
+flags.DEFINE_list("seeds", ["1", "64", "256", "1024"], "Seed counts to time the vmapped run at.")
+flags.DEFINE_bool("quick", False, "Smoke test: 2 epochs, 1 and 4 seeds, 1 repeat, small probes.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per seed count (the median is reported).")
+flags.DEFINE_integer("loop_seeds", 10, "Seeds timed for the Python-loop baseline (+1 warm-up).")
+flags.DEFINE_integer("epochs", 0, "Override train.epochs (0: the scenario's 100).")
+flags.DEFINE_string("out", os.path.join(ROOT, "bench", "results.json"), "Where to write results.")
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+  cpuinfo = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:  # The first processor's fields.
+        key, _, value = line.partition(":")
+        cpuinfo.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  simd = sorted(f for f in cpuinfo.get("flags", "").split() if f.startswith(("avx", "fma", "amx")))
+  device = jax.devices()[0]
+  return dict(
+    cpu_model=cpuinfo.get("model name") or platform.processor(),
+    cpu_mhz=float(cpuinfo["cpu MHz"]) if "cpu MHz" in cpuinfo else None,
+    cpu_simd=simd,
+    cpu_count=os.cpu_count(),
+    cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    memory_gb=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    backend=jax.default_backend(),
+    device_kind=device.device_kind,
+    device_count=jax.device_count(),
+    python=platform.python_version(),
+    jax=jax.__version__,
+    jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+    flax=flax.__version__,
+    optax=optax.__version__,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+  )
+
+
+def _rss_bytes() -> int:
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except OSError:  # Not Linux: the high-water mark is the best there is.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextlib.contextmanager
+def peak_memory():
+  """Samples resident memory every 5 ms while the body runs: {'rss_before', 'rss_peak'} bytes."""
+  out = dict(rss_before=_rss_bytes())
+  out["rss_peak"] = out["rss_before"]
+  stop = threading.Event()
+
+  def sample():
+    while not stop.wait(0.005):
+      out["rss_peak"] = max(out["rss_peak"], _rss_bytes())
+
+  thread = threading.Thread(target=sample, daemon=True)
+  thread.start()
+  try:
+    yield out
+  finally:
+    stop.set()
+    thread.join()
+    out["rss_peak"] = max(out["rss_peak"], _rss_bytes())
+
+
+def device_peak_bytes():
+  """Peak device memory where the backend reports it (GPU, TPU); None on CPU."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def scenario_config(epochs: int):
+  """configs/blog.py's scenario 2 (blog_varied text, lr 1e-3, dropout 0.2, batch 32)."""
+  cells = {c.name: c for c in config_lib.expand_cells(blog.get_config())}
+  config = cells[SCENARIO].config
+  if epochs:
+    config.train.epochs = epochs
+  return config
+
+
+def shape_summary(config, dataset) -> dict:
+  num_windows = int(dataset.windows_NxW.shape[0])
+  batch = min(config.train.batch_size, num_windows)
+  return dict(
+    scenario=SCENARIO,
+    corpus=config.data.corpus,
+    vocab_size=dataset.vocab_size,
+    context_length=dataset.context_length,
+    num_windows=num_windows,
+    batch_size=batch,
+    steps_per_epoch=math.ceil(num_windows / batch),
+    epochs=config.train.epochs,
+    epochs_per_call=config.study.epochs_per_call,
+    embed_dim=config.model.embed_dim,
+    hidden=config.model.hidden,
+    learning_rate=config.train.learning_rate,
+    dropout=config.model.dropout,
+  )
+
+
+def flops_per_seed(shape: dict) -> dict:
+  """Analytic model FLOPs of one seed's whole run: 3x the forward matmuls (fwd + bwd).
+
+  Per step: input projection B*T*E*4H, recurrence B*T*H*4H (all T steps, although step 0's is
+  a product with the zero state), dense head B*H*V, each 2 FLOPs per multiply-add, on the
+  padded minibatch. Gate nonlinearities, the embedding lookup, softmax and Adam are left out.
+  """
+  b, t = shape["batch_size"], shape["context_length"]
+  e, h, v = shape["embed_dim"], shape["hidden"], shape["vocab_size"]
+  forward = 2 * b * (t * e * 4 * h + t * h * 4 * h + h * v)
+  steps = shape["steps_per_epoch"] * shape["epochs"]
+  return dict(forward_per_step=forward, train_per_step=3 * forward, per_seed=3 * forward * steps)
+
+
+# ----------------------------------------------------------------------------- vmapped
+
+
+def make_study_programs(trainer):
+  """jit(vmap(init)) and jit(vmap(run_epochs), donate), as research/study.py's _Group."""
+
+  def init_one(seed, learning_rate, dropout):
+    hparams = train_lib.Hparams(learning_rate=learning_rate, dropout=dropout)
+    return trainer.init(jax.random.key(seed), hparams)
+
+  def run_epochs(num_epochs):
+    return jax.jit(jax.vmap(lambda s: trainer.run_epochs(s, num_epochs)), donate_argnums=0)
+
+  return jax.jit(jax.vmap(init_one)), run_epochs
+
+
+def time_vmapped(config, trainer, num_seeds: int, repeats: int) -> dict:
+  """Compile once, then time whole training runs (init + every epoch call)."""
+  init, run_epochs = make_study_programs(trainer)
+  epochs, per_call = config.train.epochs, config.study.epochs_per_call
+  calls = [min(per_call, epochs - done) for done in range(0, epochs, per_call)]
+  dtype = jnp.zeros(()).dtype
+  args = (
+    jnp.arange(num_seeds, dtype=jnp.int32),
+    jnp.full((num_seeds,), config.train.learning_rate, dtype),
+    jnp.full((num_seeds,), config.model.dropout, dtype),
+  )
+  t0 = time.perf_counter()
+  init_c = init.lower(*args).compile()
+  state_shape = jax.eval_shape(init, *args)
+  epoch_c = {n: run_epochs(n).lower(state_shape).compile() for n in set(calls)}
+  compile_s = time.perf_counter() - t0
+
+  seconds, mem = [], None
+  loss_SxE = None
+  for _ in range(repeats):
+    with peak_memory() as m:
+      t0 = time.perf_counter()
+      state = init_c(*args)
+      losses = []
+      for n in calls:
+        state, loss = epoch_c[n](state)
+        losses.append(loss)
+      jax.block_until_ready((state, losses))
+      seconds.append(time.perf_counter() - t0)
+    mem = m if mem is None or m["rss_peak"] > mem["rss_peak"] else mem
+    loss_SxE = np.concatenate([np.asarray(x) for x in losses], axis=1)
+    del state, losses
+  median = float(np.median(seconds))
+  return dict(
+    seeds=num_seeds,
+    compile_s=compile_s,
+    run_s=seconds,
+    run_s_median=median,
+    seeds_per_s=num_seeds / median,
+    seeds_per_s_best=num_seeds / min(seconds),
+    peak_rss_mb=mem["rss_peak"] / 2**20,
+    peak_rss_delta_mb=(mem["rss_peak"] - mem["rss_before"]) / 2**20,
+    device_peak_mb=(lambda b: None if b is None else b / 2**20)(device_peak_bytes()),
+    final_loss_seed0=float(loss_SxE[0, -1]),
+    _loss_curve_seed0=loss_SxE[0],
+  )
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def time_loop(config, dataset, num_seeds: int) -> dict:
+  """The baseline: a Python loop over seeds and steps around a jitted train.train_step.
+
+  Same model, data order, dropout keys and steps as the vmapped run (so seed 0 must agree
+  with it). Host work per step is kept small, as a careful user would: each epoch's shuffled
+  minibatches and step keys come from one jitted call and are indexed as NumPy arrays.
+  """
+  model = model_lib.model_from_config(config.model, dataset.vocab_size)
+  trainer = train_lib.make_train(config, dataset)
+  tx = train_lib.make_optimizer(config.train, config.train.learning_rate)
+
+  @jax.jit
+  def step(state, batch, key_data):
+    rng = jax.random.wrap_key_data(key_data)
+    return train_lib.train_step(state, batch, rng, model=model, tx=tx)
+
+  init = jax.jit(trainer.init)
+  windows_NxW = jnp.asarray(dataset.windows_NxW)
+  num_windows = windows_NxW.shape[0]
+  batch_size = min(config.train.batch_size, num_windows)
+  steps = math.ceil(num_windows / batch_size)
+  num_padded = steps * batch_size
+  weights_SxB = (np.arange(num_padded) < num_windows).astype(np.float32)
+  weights_SxB = weights_SxB.reshape(steps, batch_size)
+  counts_S = weights_SxB.sum(axis=1)
+
+  @jax.jit
+  def epoch_batches(key, epoch):
+    """Shuffled, padded minibatches and per-step dropout keys, derived as make_train does."""
+    epoch_key = jax.random.fold_in(jax.random.fold_in(key, 1), epoch)
+    perm_key, dropout_key = jax.random.split(epoch_key)
+    order_N = jax.random.permutation(perm_key, num_windows)
+    order_N = jnp.pad(order_N, (0, num_padded - num_windows))
+    windows_SxBxW = windows_NxW[order_N].reshape(steps, batch_size, -1)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(steps))
+    return windows_SxBxW, jax.random.key_data(rngs)
+
+  hparams = train_lib.Hparams(
+    learning_rate=jnp.float32(config.train.learning_rate), dropout=jnp.float32(config.model.dropout)
+  )
+
+  def train_one(seed: int):
+    key = jax.random.key(seed)
+    state = init(key, hparams)
+    loss_E = []
+    for epoch in range(config.train.epochs):
+      windows_SxBxW, key_data_Sx2 = jax.device_get(epoch_batches(key, epoch))
+      losses = []
+      for s in range(steps):
+        inputs_BxT, targets = train_lib.split_window(windows_SxBxW[s], config.model.mode)
+        batch = train_lib.Batch(inputs_BxT=inputs_BxT, targets=targets, weights_B=weights_SxB[s])
+        state, loss = step(state, batch, key_data_Sx2[s])
+        losses.append(loss)
+      loss_E.append(float(np.dot(jax.device_get(losses), counts_S)) / num_windows)
+    jax.block_until_ready(state)
+    return np.asarray(loss_E)
+
+  t0 = time.perf_counter()
+  curve0 = train_one(0)  # Warm-up: compiles init, epoch_batches and the step.
+  first_s = time.perf_counter() - t0
+  seconds = []
+  for seed in range(1, num_seeds + 1):
+    t0 = time.perf_counter()
+    train_one(seed)
+    seconds.append(time.perf_counter() - t0)
+  per_seed = float(np.median(seconds))
+  return dict(
+    seeds_timed=num_seeds,
+    first_seed_s=first_s,
+    compile_s=max(first_s - per_seed, 0.0),
+    per_seed_s=seconds,
+    seeds_per_s=1.0 / per_seed,
+    steps_per_seed=steps * config.train.epochs,
+    us_per_step=per_seed / (steps * config.train.epochs) * 1e6,
+    final_loss_seed0=float(curve0[-1]),
+    _loss_curve_seed0=curve0,
+  )
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+def matmul_probe(sizes, repeats: int) -> dict:
+  """float32 n x n matmul FLOP/s (median of repeats) at each size; the best is the peak."""
+  results = {}
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    results[str(n)] = 2 * n**3 / float(np.median(times))
+  return dict(flops_by_size=results, peak_flops=max(results.values()))
+
+
+def batched_probe(num_seeds: int, shape: dict, repeats: int) -> float:
+  """FLOP/s of the model's own matmul shape, seed-batched: (S, B, H) @ (S, H, 4H)."""
+  b, h = shape["batch_size"], shape["hidden"]
+  x = jax.random.normal(jax.random.key(0), (num_seeds, b, h), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (num_seeds, h, 4 * h), jnp.float32)
+  f = jax.jit(jax.vmap(jnp.matmul))
+  f(x, w).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x, w).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * num_seeds * b * h * 4 * h / float(np.median(times))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def format_table(results: dict) -> str:
+  m, s, roof, loop = results["machine"], results["shape"], results["roofline"], results["loop"]
+  lines = [
+    f"{m['cpu_model']} | {m['cpu_count']} cores | {m['backend']} ({m['device_kind']}) | "
+    f"jax {m['jax']} | load avg {m['load_average'][0] if m['load_average'] else '?'}",
+    f"scenario {s['scenario']}: {s['epochs']} epochs x {s['steps_per_epoch']} steps of batch "
+    f"{s['batch_size']} (T={s['context_length']}, E={s['embed_dim']}, H={s['hidden']}, "
+    f"V={s['vocab_size']})",
+    f"roofline: {roof['flops_per_seed'] / 1e9:.2f} GFLOP/seed at a measured "
+    f"{roof['peak_flops'] / 1e9:.0f} GFLOP/s float32 matmul peak = "
+    f"{roof['seeds_per_s']:.0f} seeds/s",
+    "",
+    f"{'run':<28} {'compile s':>9} {'train s':>8} {'seeds/s':>8} {'vs loop':>8} "
+    f"{'% roofline':>10} {'peak RSS MB':>11}",
+  ]
+  lines.append("-" * len(lines[-1]))
+  lines.append(
+    f"{'python loop (per-step jit)':<28} {loop['compile_s']:>9.1f} {1 / loop['seeds_per_s']:>8.2f} "
+    f"{loop['seeds_per_s']:>8.1f} {1.0:>7.1f}x {100 * loop['roofline_fraction']:>9.1f}% {'':>11}"
+  )
+  for r in results["vmapped"]:
+    lines.append(
+      f"{'vmapped, ' + str(r['seeds']) + ' seeds':<28} {r['compile_s']:>9.1f} "
+      f"{r['run_s_median']:>8.2f} {r['seeds_per_s']:>8.1f} {r['speedup_vs_loop']:>7.1f}x "
+      f"{100 * r['roofline_fraction']:>9.1f}% {r['peak_rss_mb']:>11.0f}"
+    )
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quick = FLAGS.quick
+  seed_counts = [1, 4] if quick else [int(s) for s in FLAGS.seeds]
+  repeats = 1 if quick else FLAGS.repeats
+  config = scenario_config(FLAGS.epochs or (2 if quick else 0))
+  dataset = data_lib.dataset_from_config(config.data)
+  shape = shape_summary(config, dataset)
+  flops = flops_per_seed(shape)
+  start = time.perf_counter()
+
+  probe = matmul_probe([256] if quick else [512, 1024, 2048], 3 if quick else 10)
+  probe["batched_model_matmul_flops"] = batched_probe(64, shape, 3 if quick else 20)
+  roofline = dict(
+    flops_per_seed=flops["per_seed"],
+    flops_per_train_step=flops["train_per_step"],
+    peak_flops=probe["peak_flops"],
+    seeds_per_s=probe["peak_flops"] / flops["per_seed"],
+    convention="3 x forward matmul FLOPs (2 per multiply-add), all T recurrent steps, padded "
+    "minibatches; nonlinearities, lookup, softmax and Adam not counted",
+    probe=probe,
+  )
+
+  trainer = train_lib.make_train(config, dataset)
+  vmapped = []
+  for num_seeds in sorted(seed_counts):
+    r = time_vmapped(config, trainer, num_seeds, repeats)
+    print(f"  vmapped {num_seeds:>5} seeds: {r['seeds_per_s']:.1f} seeds/s", flush=True)
+    vmapped.append(r)
+  loop = time_loop(config, dataset, 1 if quick else FLAGS.loop_seeds)
+  print(f"  python loop: {loop['seeds_per_s']:.2f} seeds/s", flush=True)
+
+  loop["roofline_fraction"] = loop["seeds_per_s"] / roofline["seeds_per_s"]
+  loop["achieved_flops"] = loop["seeds_per_s"] * flops["per_seed"]
+  curve = loop.pop("_loss_curve_seed0")
+  for r in vmapped:
+    r["speedup_vs_loop"] = r["seeds_per_s"] / loop["seeds_per_s"]
+    r["roofline_fraction"] = r["seeds_per_s"] / roofline["seeds_per_s"]
+    r["achieved_flops"] = r["seeds_per_s"] * flops["per_seed"]
+    # Same seed, same math: the loop and the vmapped run agree up to float rounding.
+    r["loss_curve_max_abs_diff_vs_loop"] = float(np.max(np.abs(r.pop("_loss_curve_seed0") - curve)))
+
+  results = dict(
+    machine=machine_info(),
+    shape=shape,
+    quick=quick,
+    roofline=roofline,
+    vmapped=vmapped,
+    loop=loop,
+    bench_seconds=time.perf_counter() - start,
+    command=" ".join(["python", "bench/throughput.py", *sys.argv[1:]]),
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  files.write_json(FLAGS.out, results)
+  print(format_table(results))
+  print(f"results in {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,47 @@
+"""bench/throughput.py runs end to end (--quick) and writes a complete results.json."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, subprocess_env
+
+
+def test_quick_bench_writes_results(tmp_path):
+  out = tmp_path / "results.json"
+  env = subprocess_env()
+  env.pop("PYTHONPATH")  # The script must find the repo on its own.
+  proc = subprocess.run(
+    [sys.executable, os.path.join("bench", "throughput.py"), "--quick", f"--out={out}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "seeds/s" in proc.stdout
+  results = json.loads(out.read_text())
+
+  machine = results["machine"]
+  for key in ("cpu_model", "cpu_count", "jax", "backend", "device_kind"):
+    assert machine[key], key
+  assert results["quick"] is True
+  assert results["shape"]["scenario"] == "2_varied_lr1e-3_do0.2"
+
+  roofline = results["roofline"]
+  for key in ("flops_per_seed", "peak_flops", "seeds_per_s"):
+    assert roofline[key] > 0, key
+
+  assert [r["seeds"] for r in results["vmapped"]] == [1, 4]
+  for r in results["vmapped"]:
+    for key in ("compile_s", "run_s_median", "seeds_per_s", "peak_rss_mb", "speedup_vs_loop"):
+      assert r[key] > 0, (r["seeds"], key)
+    assert 0 < r["roofline_fraction"]
+    # Same seed, same steps: the vmapped run and the loop baseline train the same model.
+    assert r["loss_curve_max_abs_diff_vs_loop"] < 1e-4
+
+  loop = results["loop"]
+  for key in ("seeds_per_s", "us_per_step", "roofline_fraction"):
+    assert loop[key] > 0, key
