@@ -252,23 +252,16 @@ def time_loop(config, dataset, num_seeds: int) -> dict:
   init = jax.jit(trainer.init)
   windows_NxW = jnp.asarray(dataset.windows_NxW)
   num_windows = windows_NxW.shape[0]
-  batch_size = min(config.train.batch_size, num_windows)
-  steps = math.ceil(num_windows / batch_size)
-  num_padded = steps * batch_size
-  weights_SxB = (np.arange(num_padded) < num_windows).astype(np.float32)
-  weights_SxB = weights_SxB.reshape(steps, batch_size)
-  counts_S = weights_SxB.sum(axis=1)
+  steps = math.ceil(num_windows / min(config.train.batch_size, num_windows))
 
   @jax.jit
   def epoch_batches(key, epoch):
-    """Shuffled, padded minibatches and per-step dropout keys, derived as make_train does."""
-    epoch_key = jax.random.fold_in(jax.random.fold_in(key, 1), epoch)
-    perm_key, dropout_key = jax.random.split(epoch_key)
-    order_N = jax.random.permutation(perm_key, num_windows)
-    order_N = jnp.pad(order_N, (0, num_padded - num_windows))
-    windows_SxBxW = windows_NxW[order_N].reshape(steps, batch_size, -1)
-    rngs = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(steps))
-    return windows_SxBxW, jax.random.key_data(rngs)
+    """Shuffled, padded minibatches and per-step dropout keys, exactly as make_train's."""
+    plan = train_lib.plan_epoch(
+      key, epoch, windows_NxW, config.train.batch_size, config.train.shuffle
+    )
+    rngs = jax.vmap(lambda i: jax.random.fold_in(plan.dropout_key, i))(jnp.arange(steps))
+    return plan.windows_SxBxW, plan.weights_SxB, jax.random.key_data(rngs)
 
   hparams = train_lib.Hparams(
     learning_rate=jnp.float32(config.train.learning_rate), dropout=jnp.float32(config.model.dropout)
@@ -279,7 +272,8 @@ def time_loop(config, dataset, num_seeds: int) -> dict:
     state = init(key, hparams)
     loss_E = []
     for epoch in range(config.train.epochs):
-      windows_SxBxW, key_data_Sx2 = jax.device_get(epoch_batches(key, epoch))
+      windows_SxBxW, weights_SxB, key_data_Sx2 = jax.device_get(epoch_batches(key, epoch))
+      counts_S = weights_SxB.sum(axis=1)
       losses = []
       for s in range(steps):
         inputs_BxT, targets = train_lib.split_window(windows_SxBxW[s], config.model.mode)

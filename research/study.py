@@ -473,7 +473,11 @@ def to_csv(rows: list[dict]) -> str:
 
 def format_table(rows: list[dict]) -> str:
   """A compact fixed-width table of the headline numbers."""
-  header = f"{'scenario':<34} {'seeds':>5} {'div':>4} {'collapse [95% CI]':>22} {'argmax-const':>12} {'loss':>6} {'acc':>5} {'dist-2':>6} {'probe':>10}"  # noqa: E501
+  w = max([len("scenario"), *(len(r["scenario"]) for r in rows)])
+  header = (
+    f"{'scenario':<{w}} {'seeds':>5} {'div':>4} {'collapse [95% CI]':>22} {'argmax-const':>12} "
+    f"{'loss':>6} {'acc':>5} {'dist-2':>6} {'probe':>10}"
+  )
   lines = [header, "-" * len(header)]
   for r in rows:
     ci = f"{r['collapse_rate']:.3f} [{r['collapse_low']:.3f},{r['collapse_high']:.3f}]"
@@ -481,7 +485,7 @@ def format_table(rows: list[dict]) -> str:
       ci = "all seeds diverged"
     probe = f"{r['probe_top']!r}:{r['probe_top_share']:.2f}" if r["probe_top"] else "-"
     lines.append(
-      f"{r['scenario'][:34]:<34} {r['seeds']:>5} {r['diverged']:>4} {ci:>22} "
+      f"{r['scenario']:<{w}} {r['seeds']:>5} {r['diverged']:>4} {ci:>22} "
       f"{r['argmax_constant_rate']:>12.3f} {r['final_loss_mean']:>6.3f} "
       f"{r['accuracy_mean']:>5.2f} {r['distinct_2_mean']:>6.3f} {probe:>10}"
     )

@@ -50,6 +50,33 @@ class TrainResult:
   loss_E: jax.Array  # Per-epoch training loss (sample-weighted mean of minibatch losses).
 
 
+@struct.dataclass
+class EpochPlan:
+  """One epoch's minibatches, as Keras' fit(shuffle=True) forms them, and its dropout key."""
+
+  windows_SxBxW: jax.Array  # Shuffled windows; the last minibatch is padded with window 0.
+  weights_SxB: jax.Array  # 1 for real rows, 0 for padding.
+  dropout_key: jax.Array  # Step s uses fold_in(dropout_key, s).
+
+
+def plan_epoch(key, epoch, windows_NxW, batch_size: int, shuffle: bool) -> EpochPlan:
+  """The minibatches of one seed's epoch: a pure function of (key, epoch), so chunking is exact."""
+  num_windows = windows_NxW.shape[0]
+  batch_size = min(batch_size, num_windows)
+  steps = math.ceil(num_windows / batch_size)
+  num_padded = steps * batch_size
+  epoch_key = jax.random.fold_in(jax.random.fold_in(key, 1), epoch)
+  perm_key, dropout_key = jax.random.split(epoch_key)
+  order_N = jax.random.permutation(perm_key, num_windows) if shuffle else jnp.arange(num_windows)
+  order_N = jnp.pad(order_N, (0, num_padded - num_windows))
+  weights_SxB = (jnp.arange(num_padded) < num_windows).astype(jnp.float32)
+  return EpochPlan(
+    windows_SxBxW=windows_NxW[order_N].reshape(steps, batch_size, -1),  # One gather an epoch.
+    weights_SxB=weights_SxB.reshape(steps, batch_size),
+    dropout_key=dropout_key,
+  )
+
+
 class Trainer(NamedTuple):
   init: Callable[[jax.Array, Hparams], TrainState]
   run_epochs: Callable[[TrainState, int], tuple[TrainState, jax.Array]]
@@ -164,14 +191,6 @@ def make_train(config, dataset: data_lib.Dataset) -> Trainer:
   model = model_lib.model_from_config(config.model, dataset.vocab_size)
   mode = config.model.mode
   windows_NxW = jnp.asarray(dataset.windows_NxW)
-  num_windows = windows_NxW.shape[0]
-  batch_size = min(config.train.batch_size, num_windows)
-  steps = math.ceil(num_windows / batch_size)
-  num_padded = steps * batch_size
-  # Which rows of the padded epoch are real: the last minibatch may be partial, as in Keras.
-  weights_SxB = (jnp.arange(num_padded) < num_windows).astype(jnp.float32)
-  weights_SxB = weights_SxB.reshape(steps, batch_size)
-  counts_S = weights_SxB.sum(axis=1)
 
   def init(key, hparams: Hparams) -> TrainState:
     params = model_lib.init_params(model, jax.random.fold_in(key, 0), dataset.context_length)
@@ -187,25 +206,22 @@ def make_train(config, dataset: data_lib.Dataset) -> Trainer:
 
   def run_epoch(state: TrainState, _):
     tx = make_optimizer(config.train, state.hparams.learning_rate)
-    epoch_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.epoch)
-    perm_key, dropout_key = jax.random.split(epoch_key)
-    if config.train.shuffle:
-      order_N = jax.random.permutation(perm_key, num_windows)
-    else:
-      order_N = jnp.arange(num_windows)
-    order_N = jnp.pad(order_N, (0, num_padded - num_windows))
-    # One gather per epoch, not one per step.
-    windows_SxBxW = windows_NxW[order_N].reshape(steps, batch_size, -1)
+    plan = plan_epoch(
+      state.key, state.epoch, windows_NxW, config.train.batch_size, config.train.shuffle
+    )
 
     def step(state, xs):
       windows_BxW, weights_B, index = xs
       inputs_BxT, targets = split_window(windows_BxW, mode)
       batch = Batch(inputs_BxT=inputs_BxT, targets=targets, weights_B=weights_B)
-      rng = jax.random.fold_in(dropout_key, index)
+      rng = jax.random.fold_in(plan.dropout_key, index)
       return train_step(state, batch, rng, model=model, tx=tx)
 
-    state, loss_S = jax.lax.scan(step, state, (windows_SxBxW, weights_SxB, jnp.arange(steps)))
-    epoch_loss = jnp.sum(loss_S * counts_S) / num_windows
+    steps = plan.weights_SxB.shape[0]
+    xs = (plan.windows_SxBxW, plan.weights_SxB, jnp.arange(steps))
+    state, loss_S = jax.lax.scan(step, state, xs)
+    # Keras' epoch loss: minibatch losses weighted by their number of real rows.
+    epoch_loss = jnp.sum(loss_S * plan.weights_SxB.sum(axis=1)) / plan.weights_SxB.sum()
     return state.replace(epoch=state.epoch + 1), epoch_loss
 
   def run_epochs_one(state: TrainState, num_epochs: int):
