@@ -309,20 +309,24 @@ def time_loop(config, dataset, num_seeds: int) -> dict:
 # ----------------------------------------------------------------------------- roofline
 
 
+def median_seconds(f, args, repeats: int) -> float:
+  """Median wall time of f(*args) after one warm-up (compile) call."""
+  f(*args).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(*args).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
 def matmul_probe(sizes, repeats: int) -> dict:
   """float32 n x n matmul FLOP/s (median of repeats) at each size; the best is the peak."""
   results = {}
   for n in sizes:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      f(a, b).block_until_ready()
-      times.append(time.perf_counter() - t0)
-    results[str(n)] = 2 * n**3 / float(np.median(times))
+    results[str(n)] = 2 * n**3 / median_seconds(jax.jit(jnp.matmul), (a, b), repeats)
   return dict(flops_by_size=results, peak_flops=max(results.values()))
 
 
@@ -331,14 +335,8 @@ def batched_probe(num_seeds: int, shape: dict, repeats: int) -> float:
   b, h = shape["batch_size"], shape["hidden"]
   x = jax.random.normal(jax.random.key(0), (num_seeds, b, h), jnp.float32)
   w = jax.random.normal(jax.random.key(1), (num_seeds, h, 4 * h), jnp.float32)
-  f = jax.jit(jax.vmap(jnp.matmul))
-  f(x, w).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(x, w).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * num_seeds * b * h * 4 * h / float(np.median(times))
+  seconds = median_seconds(jax.jit(jax.vmap(jnp.matmul)), (x, w), repeats)
+  return 2 * num_seeds * b * h * 4 * h / seconds
 
 
 # ----------------------------------------------------------------------------- report

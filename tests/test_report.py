@@ -64,30 +64,23 @@ def test_blog_report_has_setup_table_plots_examples_and_claims(blog_workdir):
   assert len(verdicts) == 3
 
 
+def run_report_module(workdir):
+  cmd = [sys.executable, "-m", "research.report", f"--workdir={workdir}"]
+  return subprocess.run(
+    cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120
+  )
+
+
 def test_standalone_command_rewrites_report(blog_workdir):
   path = os.path.join(blog_workdir, "report.md")
   os.unlink(path)
-  out = subprocess.run(
-    [sys.executable, "-m", "research.report", f"--workdir={blog_workdir}"],
-    cwd=ROOT,
-    env=subprocess_env(),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  out = run_report_module(blog_workdir)
   assert out.returncode == 0, out.stderr
   assert os.path.exists(path)
 
 
 def test_standalone_command_without_results_fails_clearly(tmp_path):
-  out = subprocess.run(
-    [sys.executable, "-m", "research.report", f"--workdir={tmp_path}"],
-    cwd=ROOT,
-    env=subprocess_env(),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  out = run_report_module(tmp_path)
   assert out.returncode != 0
   assert "no results.json" in out.stderr
 
