@@ -147,7 +147,8 @@ def _short(path: str) -> str:
   return path.split(".")[-1]
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
+  """A grid value as it appears in cell names: floats in %g form."""
   return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -170,7 +171,7 @@ def expand_cells(config: ml_collections.ConfigDict) -> list[Cell]:
       axes = dict(zip(grid.keys(), point, strict=True))
       cell_name = name
       if axes:
-        cell_name += "[" + ",".join(f"{_short(k)}={_fmt(v)}" for k, v in axes.items()) + "]"
+        cell_name += "[" + ",".join(f"{_short(k)}={format_value(v)}" for k, v in axes.items()) + "]"
       cell_config = override(base, axes, f"grid point {cell_name!r}")
       try:
         validate(cell_config)

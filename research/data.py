@@ -74,8 +74,13 @@ class Dataset:
     return np.asarray([index[p] for p in pieces], np.int32)
 
   def decode(self, ids) -> str:
-    sep = "" if self.tokenization == "char" else " "
-    return sep.join(self.vocab[int(i)] for i in ids)
+    return detokenize(ids, self.vocab, self.tokenization)
+
+
+def detokenize(ids, vocab, tokenization: str) -> str:
+  """Text of token ids: chars joined as they are, words with spaces."""
+  sep = "" if tokenization == "char" else " "
+  return sep.join(vocab[int(i)] for i in ids)
 
 
 def split(text: str, tokenization: str) -> list[str]:

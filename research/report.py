@@ -15,7 +15,7 @@ from absl import app, flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from research import claims, files, stats
+from research import claims, config_lib, data, files, stats
 
 PLOTS = ("loss_curves", "collapse_vs_lr", "collapse_heatmap", "tail_periods", "top_token_share")
 MAX_PANELS = 12  # More rows than this: tail periods as one image instead of small multiples.
@@ -160,7 +160,7 @@ def setup_section(workdir: str, loaded: dict) -> list[str]:
   devices = run_info.get("devices") or results.get("devices", {})
   versions = run_info.get("versions", {})
   study_cfg = config.get("study", {})
-  grid = _flat_keys(study_cfg.get("grid", {}))
+  grid = list(config_lib.flatten(study_cfg.get("grid", {})))
   compute = sum(cells[n]["seconds"] for n in loaded["names"] if n in cells)
   lines = [
     "## Setup",
@@ -218,21 +218,6 @@ def cells_table(loaded: dict) -> str:
   return _table(header, body, "lllrrrrrrr")
 
 
-def _flat_keys(tree, prefix: str = "") -> list[str]:
-  out = []
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out += _flat_keys(value, f"{prefix}{key}.")
-    else:
-      out.append(f"{prefix}{key}")
-  return out
-
-
-def decode_text(ids, vocab, tokenization: str) -> str:
-  sep = "" if tokenization == "char" else " "
-  return sep.join(vocab[int(i)] for i in ids)
-
-
 def examples_section(rows: list[dict], loaded: dict) -> list[str]:
   """The most common probe continuations of each row, decoded to text."""
   lines = [
@@ -251,7 +236,7 @@ def examples_section(rows: list[dict], loaded: dict) -> list[str]:
     sep = "" if meta["config"]["data"]["tokenization"] == "char" else " "
     conts = per_seed[decode_prefix(row) + "probe_continuation_L"][ok_seeds(row, per_seed)]
     texts = collections.Counter(
-      decode_text(c, meta["vocab"], meta["config"]["data"]["tokenization"]) for c in conts
+      data.detokenize(c, meta["vocab"], meta["config"]["data"]["tokenization"]) for c in conts
     )
     lines.append(f"{row['scenario']}" + ("" if len(conts) else "  (every seed diverged)"))
     for text, count in texts.most_common(EXAMPLES):
@@ -336,10 +321,6 @@ def plot_loss_curves(rows: list[dict], per_seed: dict) -> Figure:
   return fig
 
 
-def _fmt(value) -> str:
-  return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def lr_panels(rows: list[dict], axes_by_cell: dict) -> dict:
   """Rows of a learning-rate grid by panel: all but learning rate and dropout equal in one."""
   panels = {}
@@ -347,7 +328,11 @@ def lr_panels(rows: list[dict], axes_by_cell: dict) -> dict:
     axes = axes_by_cell.get(row["cell"], {})
     if "train.learning_rate" not in axes:
       continue
-    others = [f"{k.split('.')[-1]}={_fmt(v)}" for k, v in axes.items() if k not in LR_DROPOUT]
+    others = [
+      f"{k.split('.')[-1]}={config_lib.format_value(v)}"
+      for k, v in axes.items()
+      if k not in LR_DROPOUT
+    ]
     label = row["cell"].split("[", 1)[0] + (f"[{','.join(others)}]" if others else "")
     name = decoding_name(row)
     panels.setdefault(label + (f"@{name}" if name else ""), []).append(row)

@@ -104,12 +104,12 @@ def make_finalize(config, dataset: data_lib.Dataset):
     logits_V = logits if logits.ndim == 2 else logits[:, -1]  # "all": the last position.
     targets_N = targets if targets.ndim == 1 else targets[:, -1]
     decoded = {}
-    probe = None
     for index, (name, _, generate) in enumerate(decoders):
       key = jax.random.fold_in(jax.random.fold_in(state.key, 2), index)
       gen = generate(state.params, prompts_PxT, lengths_P, key)
       x_PxL = gen.tokens_PxL
-      probe = jnp.argmax(gen.first_logits_PxV[0])
+      if index == 0:  # The probe's next-token logits are the same under every decoding.
+        probe = jnp.argmax(gen.first_logits_PxV[0])
       decoded[name] = DecodeMetrics(
         seed_collapsed=metrics.seed_collapsed(x_PxL),
         collapsed_fraction=jnp.mean(metrics.collapsed(x_PxL)),
