@@ -8,7 +8,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from research import config_lib, data, report, study
+from research import config_lib, data, report, results, study, workdir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Study config file (configs/*.py).")
@@ -61,7 +61,7 @@ def main(argv):
   try:
     rows = study.run_study(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
     report.write_report(FLAGS.workdir)
-  except (config_lib.ConfigError, data.DataError, study.StudyError) as e:
+  except (config_lib.ConfigError, data.DataError, workdir.WorkdirError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -71,7 +71,7 @@ def main(argv):
       file=sys.stderr,
     )
     sys.exit(130)
-  print(study.format_table(rows))
+  print(results.format_table(rows))
   print(f"results in {FLAGS.workdir}: results.csv, results.json, per_seed.npz, report.md")
 
 

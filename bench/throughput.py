@@ -5,9 +5,10 @@
   python bench/throughput.py --quick  # a smoke test: 2 epochs, 1 and 4 seeds
 
 Measures, in one process on one machine:
-  1. vmapped training, compiled and called exactly as research/study.py does (jit(vmap(init)),
+  1. vmapped training with the study's own programs (research/programs.py: jit(vmap(init)),
      then jit(vmap(run_epochs), donate) every study.epochs_per_call epochs): compile time,
-     steady-state seeds/s (compile excluded; median of --repeats), peak memory;
+     steady-state seeds/s (compile excluded; median of --repeats), peak memory; the same at
+     --impl_seeds seeds with model.impl="flax" (nn.RNN), for the fused kernel's own gain;
   2. the loop a user would write: for each seed, for each step, a jitted train.train_step;
   3. the FLOP roofline: analytic model FLOPs per seed and a float32 matmul probe's FLOP/s.
 """
@@ -28,25 +29,25 @@ import resource  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import blog  # noqa: E402
-from research import config_lib, files  # noqa: E402
+from research import config_lib, files, programs, schema, workdir  # noqa: E402
 from research import data as data_lib  # noqa: E402
 from research import model as model_lib  # noqa: E402
 from research import train as train_lib  # noqa: E402
 
 SCENARIO = "2_varied_lr1e-3_do0.2"
+IMPLS = schema.IMPLS
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["1", "64", "256", "1024"], "Seed counts to time the vmapped run at.")
 flags.DEFINE_bool("quick", False, "Smoke test: 2 epochs, 1 and 4 seeds, 1 repeat, small probes.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per seed count (the median is reported).")
 flags.DEFINE_integer("loop_seeds", 10, "Seeds timed for the Python-loop baseline (+1 warm-up).")
+flags.DEFINE_integer("impl_seeds", 256, "Seeds for the fused-vs-flax LSTM comparison.")
 flags.DEFINE_integer("epochs", 0, "Override train.epochs (0: the scenario's 100).")
 flags.DEFINE_string("out", os.path.join(ROOT, "bench", "results.json"), "Where to write results.")
 
@@ -64,23 +65,15 @@ def machine_info() -> dict:
   except OSError:
     pass
   simd = sorted(f for f in cpuinfo.get("flags", "").split() if f.startswith(("avx", "fma", "amx")))
-  device = jax.devices()[0]
   return dict(
     cpu_model=cpuinfo.get("model name") or platform.processor(),
     cpu_mhz=float(cpuinfo["cpu MHz"]) if "cpu MHz" in cpuinfo else None,
     cpu_simd=simd,
-    cpu_count=os.cpu_count(),
     cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     memory_gb=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-    backend=jax.default_backend(),
-    device_kind=device.device_kind,
-    device_count=jax.device_count(),
-    python=platform.python_version(),
-    jax=jax.__version__,
-    jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
-    flax=flax.__version__,
-    optax=optax.__version__,
+    **workdir.device_summary(),  # The study's own: backend, device_kind, device_count, ...
+    **workdir.versions(),
     xla_flags=os.environ.get("XLA_FLAGS", ""),
   )
 
@@ -123,13 +116,13 @@ def device_peak_bytes():
 # ----------------------------------------------------------------------------- setup
 
 
-def scenario_config(epochs: int):
+def scenario_cell(epochs: int, impl: str = "fused") -> config_lib.Cell:
   """configs/blog.py's scenario 2 (blog_varied text, lr 1e-3, dropout 0.2, batch 32)."""
-  cells = {c.name: c for c in config_lib.expand_cells(blog.get_config())}
-  config = cells[SCENARIO].config
+  config = blog.get_config()
+  config.model.impl = impl
   if epochs:
     config.train.epochs = epochs
-  return config
+  return {c.name: c for c in config_lib.expand_cells(config)}[SCENARIO]
 
 
 def shape_summary(config, dataset) -> dict:
@@ -169,22 +162,11 @@ def flops_per_seed(shape: dict) -> dict:
 # ----------------------------------------------------------------------------- vmapped
 
 
-def make_study_programs(trainer):
-  """jit(vmap(init)) and jit(vmap(run_epochs), donate), as research/study.py's _Group."""
-
-  def init_one(seed, learning_rate, dropout):
-    hparams = train_lib.Hparams(learning_rate=learning_rate, dropout=dropout)
-    return trainer.init(jax.random.key(seed), hparams)
-
-  def run_epochs(num_epochs):
-    return jax.jit(jax.vmap(lambda s: trainer.run_epochs(s, num_epochs)), donate_argnums=0)
-
-  return jax.jit(jax.vmap(init_one)), run_epochs
-
-
-def time_vmapped(config, trainer, num_seeds: int, repeats: int) -> dict:
-  """Compile once, then time whole training runs (init + every epoch call)."""
-  init, run_epochs = make_study_programs(trainer)
+def time_vmapped(cell: config_lib.Cell, num_seeds: int, repeats: int) -> dict:
+  """Compile the study's programs once, then time whole training runs (init + epoch calls)."""
+  config = cell.config
+  progs = programs.build(config, data_lib.dataset_from_config(config.data), cell.decodings)
+  init = progs.init
   epochs, per_call = config.train.epochs, config.study.epochs_per_call
   calls = [min(per_call, epochs - done) for done in range(0, epochs, per_call)]
   dtype = jnp.zeros(()).dtype
@@ -196,7 +178,7 @@ def time_vmapped(config, trainer, num_seeds: int, repeats: int) -> dict:
   t0 = time.perf_counter()
   init_c = init.lower(*args).compile()
   state_shape = jax.eval_shape(init, *args)
-  epoch_c = {n: run_epochs(n).lower(state_shape).compile() for n in set(calls)}
+  epoch_c = {n: progs.epochs_program(n).lower(state_shape).compile() for n in set(calls)}
   compile_s = time.perf_counter() - t0
 
   seconds, mem = [], None
@@ -261,7 +243,7 @@ def time_loop(config, dataset, num_seeds: int) -> dict:
       key, epoch, windows_NxW, config.train.batch_size, config.train.shuffle
     )
     rngs = jax.vmap(lambda i: jax.random.fold_in(plan.dropout_key, i))(jnp.arange(steps))
-    return plan.windows_SxBxW, plan.weights_SxB, jax.random.key_data(rngs)
+    return plan.windows_KxBxW, plan.weights_KxB, jax.random.key_data(rngs)
 
   hparams = train_lib.Hparams(
     learning_rate=jnp.float32(config.train.learning_rate), dropout=jnp.float32(config.model.dropout)
@@ -272,13 +254,13 @@ def time_loop(config, dataset, num_seeds: int) -> dict:
     state = init(key, hparams)
     loss_E = []
     for epoch in range(config.train.epochs):
-      windows_SxBxW, weights_SxB, key_data_Sx2 = jax.device_get(epoch_batches(key, epoch))
-      counts_S = weights_SxB.sum(axis=1)
+      windows_KxBxW, weights_KxB, key_data_Kx2 = jax.device_get(epoch_batches(key, epoch))
+      counts_S = weights_KxB.sum(axis=1)
       losses = []
       for s in range(steps):
-        inputs_BxT, targets = train_lib.split_window(windows_SxBxW[s], config.model.mode)
-        batch = train_lib.Batch(inputs_BxT=inputs_BxT, targets=targets, weights_B=weights_SxB[s])
-        state, loss = step(state, batch, key_data_Sx2[s])
+        inputs_BxT, targets = train_lib.split_window(windows_KxBxW[s], config.model.mode)
+        batch = train_lib.Batch(inputs_BxT=inputs_BxT, targets=targets, weights_B=weights_KxB[s])
+        state, loss = step(state, batch, key_data_Kx2[s])
         losses.append(loss)
       loss_E.append(float(np.dot(jax.device_get(losses), counts_S)) / num_windows)
     jax.block_until_ready(state)
@@ -368,6 +350,14 @@ def format_table(results: dict) -> str:
       f"{r['run_s_median']:>8.2f} {r['seeds_per_s']:>8.1f} {r['speedup_vs_loop']:>7.1f}x "
       f"{100 * r['roofline_fraction']:>9.1f}% {r['peak_rss_mb']:>11.0f}"
     )
+  impl = results["impl"]
+  for name in IMPLS:
+    r = impl[name]
+    lines.append(
+      f"{name + ' LSTM, ' + str(impl['seeds']) + ' seeds':<28} {r['compile_s']:>9.1f} "
+      f"{r['run_s_median']:>8.2f} {r['seeds_per_s']:>8.1f}"
+    )
+  lines.append(f"fused kernel's own gain over flax nn.RNN: {impl['fused_speedup']:.2f}x")
   return "\n".join(lines)
 
 
@@ -377,7 +367,9 @@ def main(argv):
   quick = FLAGS.quick
   seed_counts = [1, 4] if quick else [int(s) for s in FLAGS.seeds]
   repeats = 1 if quick else FLAGS.repeats
-  config = scenario_config(FLAGS.epochs or (2 if quick else 0))
+  epochs = FLAGS.epochs or (2 if quick else 0)
+  cell = scenario_cell(epochs)
+  config = cell.config
   dataset = data_lib.dataset_from_config(config.data)
   shape = shape_summary(config, dataset)
   flops = flops_per_seed(shape)
@@ -395,12 +387,25 @@ def main(argv):
     probe=probe,
   )
 
-  trainer = train_lib.make_train(config, dataset)
   vmapped = []
   for num_seeds in sorted(seed_counts):
-    r = time_vmapped(config, trainer, num_seeds, repeats)
+    r = time_vmapped(cell, num_seeds, repeats)
     print(f"  vmapped {num_seeds:>5} seeds: {r['seeds_per_s']:.1f} seeds/s", flush=True)
     vmapped.append(r)
+  impl_seeds = 4 if quick else FLAGS.impl_seeds
+  impls = {impl: time_vmapped(scenario_cell(epochs, impl), impl_seeds, repeats) for impl in IMPLS}
+  for r in impls.values():
+    r.pop("_loss_curve_seed0")
+  impl = dict(
+    seeds=impl_seeds,
+    fused=impls["fused"],
+    flax=impls["flax"],
+    fused_speedup=impls["fused"]["seeds_per_s"] / impls["flax"]["seeds_per_s"],
+    final_loss_seed0_abs_diff=abs(
+      impls["fused"]["final_loss_seed0"] - impls["flax"]["final_loss_seed0"]
+    ),
+  )
+  print(f"  fused LSTM vs flax nn.RNN at {impl_seeds} seeds: {impl['fused_speedup']:.2f}x")
   loop = time_loop(config, dataset, 1 if quick else FLAGS.loop_seeds)
   print(f"  python loop: {loop['seeds_per_s']:.2f} seeds/s", flush=True)
 
@@ -420,6 +425,7 @@ def main(argv):
     quick=quick,
     roofline=roofline,
     vmapped=vmapped,
+    impl=impl,
     loop=loop,
     bench_seconds=time.perf_counter() - start,
     command=" ".join(["python", "bench/throughput.py", *sys.argv[1:]]),

@@ -1,8 +1,7 @@
 """The blog post's claims as pure verdict rules on results rows.
 
-A row is one results.json row (research/study.py summarize) with three fields the report adds
-from the workdir: most_frequent_token (the corpus' most frequent token, vocab[1]) and
-distinct_2_low / distinct_2_high (95% bootstrap interval of the mean over seeds).
+Rules read results.Row values. The blog's scenarios 1, 2 and 3 are the study's first three
+scenarios (config.study.scenarios[0:3], Row.scenario_index 0-2), as configs/blog.py lists them.
 
 "Clearly" below means: the two 95% intervals do not overlap. That is a conservative test (a
 difference can be real while intervals touch), so verdicts err towards "mixed".
@@ -11,9 +10,10 @@ difference can be real while intervals touch), so verdicts err towards "mixed".
 import dataclasses
 import math
 
-from research import stats
+from research import config_lib, schema, stats
+from research.results import Row
 
-CLAIM_SETS = ("", "blog")  # Values of config.study.claims; "" checks none.
+CLAIM_SETS = schema.CLAIM_SETS
 SUPPORTED, NOT_SUPPORTED, MIXED, UNTESTED = "supported", "not supported", "mixed", "untested"
 HALF = 0.5  # "Consistently" / "most seeds": more than half, with the interval clear of it.
 
@@ -52,8 +52,8 @@ def _num(x) -> float:
   return math.nan if x is None else float(x)
 
 
-def _valid_seeds(row) -> int:
-  return int(row["seeds"]) - int(row["diverged"])
+def _valid_seeds(row: Row) -> int:
+  return row.seeds - row.diverged
 
 
 def below(a_high, b_low) -> bool:
@@ -66,17 +66,17 @@ def _ci(rate, low, high) -> str:
 
 
 def _collapse(row) -> str:
-  return _ci(row["collapse_rate"], row["collapse_low"], row["collapse_high"])
+  return _ci(row.collapse_rate, row.collapse_low, row.collapse_high)
 
 
 def _distinct_2(row) -> str:
-  return _ci(row["distinct_2_mean"], row.get("distinct_2_low"), row.get("distinct_2_high"))
+  return _ci(row.distinct_2_mean, row.distinct_2_low, row.distinct_2_high)
 
 
 def probe_interval(row) -> stats.Interval:
   """Share of non-diverged seeds whose probe is the most frequent training token."""
   n = _valid_seeds(row)
-  share = row["probe_distribution"].get(row["most_frequent_token"], 0.0)
+  share = row.probe_distribution.get(row.most_frequent_token, 0.0)
   return stats.wilson(round(share * n), n)
 
 
@@ -89,7 +89,7 @@ def _missing(claim: str, **rows) -> Check | None:
     if row is None:
       return _untested(claim, f"no {name} row in the results")
     if _valid_seeds(row) == 0:
-      return _untested(claim, f"every seed of {row['scenario']} diverged")
+      return _untested(claim, f"every seed of {row.label} diverged")
   return None
 
 
@@ -116,14 +116,14 @@ def claim_1(s1) -> Check:
   if (missing := _missing(CLAIM_1, scenario_1=s1)) is not None:
     return missing
   probe = probe_interval(s1)
-  token = s1["most_frequent_token"]
+  token = s1.most_frequent_token
   measured = (
     f"collapse {_collapse(s1)}; probe = {token!r} (most frequent) in "
     f"{_ci(probe.estimate, probe.low, probe.high)} of seeds; most common probe "
-    f"{s1['probe_top']!r} ({_num(s1['probe_top_share']):.2f})"
+    f"{s1.probe_top!r} ({_num(s1.probe_top_share):.2f})"
   )
-  collapses, predicts = s1["collapse_low"] > HALF, probe.low > HALF
-  never_collapses, never_predicts = s1["collapse_high"] < HALF, probe.high < HALF
+  collapses, predicts = s1.collapse_low > HALF, probe.low > HALF
+  never_collapses, never_predicts = s1.collapse_high < HALF, probe.high < HALF
   reason = "; ".join(
     [
       _majority(collapses, never_collapses, "collapse"),
@@ -142,18 +142,18 @@ def claim_2(s1, s2) -> Check:
   if (missing := _missing(CLAIM_2, scenario_1=s1, scenario_2=s2)) is not None:
     return missing
   measured = f"collapse {_collapse(s2)} vs scenario 1 {_collapse(s1)}"
-  lower = below(s2["collapse_high"], s1["collapse_low"])
-  higher = below(s1["collapse_high"], s2["collapse_low"])
-  if lower and s2["collapse_high"] < HALF:
+  lower = below(s2.collapse_high, s1.collapse_low)
+  higher = below(s1.collapse_high, s2.collapse_low)
+  if lower and s2.collapse_high < HALF:
     return Check(CLAIM_2, measured, SUPPORTED, "scenario 2 collapses clearly less, and rarely")
   if higher:
     return Check(CLAIM_2, measured, NOT_SUPPORTED, "scenario 2 collapses more than scenario 1")
-  if s2["collapse_low"] > HALF and not lower:
+  if s2.collapse_low > HALF and not lower:
     return Check(CLAIM_2, measured, NOT_SUPPORTED, "scenario 2 still collapses in most seeds")
   if lower:
     return Check(CLAIM_2, measured, MIXED, "less collapse, but not clearly below half the seeds")
   reason = "the collapse rates' intervals overlap"
-  if s1["collapse_high"] < HALF:
+  if s1.collapse_high < HALF:
     reason += "; scenario 1 collapses in few seeds, so there is little to fix"
   return Check(CLAIM_2, measured, MIXED, reason)
 
@@ -164,16 +164,16 @@ def claim_3(s2, s3) -> Check:
     return missing
   measured = (
     f"collapse {_collapse(s3)} vs {_collapse(s2)}; distinct-2 {_distinct_2(s3)} vs "
-    f"{_distinct_2(s2)}; median loss {_num(s3['final_loss_median']):.3f} vs "
-    f"{_num(s2['final_loss_median']):.3f}"
+    f"{_distinct_2(s2)}; median loss {_num(s3.final_loss_median):.3f} vs "
+    f"{_num(s2.final_loss_median):.3f}"
   )
   evidence = {
-    "less collapse": below(s3["collapse_high"], s2["collapse_low"]),
-    "more distinct-2": below(s2.get("distinct_2_high"), s3.get("distinct_2_low")),
+    "less collapse": below(s3.collapse_high, s2.collapse_low),
+    "more distinct-2": below(s2.distinct_2_high, s3.distinct_2_low),
   }
   against = {
-    "more collapse": below(s2["collapse_high"], s3["collapse_low"]),
-    "less distinct-2": below(s3.get("distinct_2_high"), s2.get("distinct_2_low")),
+    "more collapse": below(s2.collapse_high, s3.collapse_low),
+    "less distinct-2": below(s3.distinct_2_high, s2.distinct_2_low),
   }
   found = [k for k, v in evidence.items() if v]
   contra = [k for k, v in against.items() if v]
@@ -186,28 +186,26 @@ def claim_3(s2, s3) -> Check:
   return Check(CLAIM_3, measured, MIXED, "no difference clear of the intervals")
 
 
-def scenario_number(row) -> int | None:
-  """1, 2 or 3 for the blog's scenarios (cell names "1_...", "2_...", "3_..."), else None."""
-  head = row["cell"].split("_", 1)[0]
-  return int(head) if head in ("1", "2", "3") else None
-
-
-def group_label(row) -> str:
+def group_label(row: Row, show_decoding: bool) -> str:
   """What, besides the scenario, tells rows apart: the grid point and the decoding."""
-  base = row["cell"].split("[", 1)[0]
-  label = row["cell"][len(base) :]
-  if "@" in row["scenario"]:
-    label += "@" + row["scenario"].rsplit("@", 1)[1]
-  return label
+  label = ""
+  if row.axes:
+    axes = (f"{k.split('.')[-1]}={config_lib.format_value(v)}" for k, v in row.axes.items())
+    label = "[" + ",".join(axes) + "]"
+  return label + (f"@{row.decoding}" if show_decoding else "")
 
 
-def check_blog(rows: list[dict]) -> list[tuple[str, list[Check]]]:
-  """Every blog claim per (grid point, decoding) group of rows, in the rows' order."""
-  groups: dict[str, dict[int, dict]] = {}
+def check_blog(rows: list[Row]) -> list[tuple[str, list[Check]]]:
+  """Every blog claim per (grid point, decoding) group of rows, in the rows' order.
+
+  Scenarios 1-3 are the rows with scenario_index 0-2; the decoding is named in the group label
+  when the rows hold more than one.
+  """
+  show_decoding = len({r.decoding for r in rows}) > 1
+  groups: dict[str, dict[int, Row]] = {}
   for row in rows:
-    number = scenario_number(row)
-    if number is not None:
-      groups.setdefault(group_label(row), {})[number] = row
+    if row.scenario_index < 3:
+      groups.setdefault(group_label(row, show_decoding), {})[row.scenario_index + 1] = row
   return [
     (label, [claim_1(s.get(1)), claim_2(s.get(1), s.get(2)), claim_3(s.get(2), s.get(3))])
     for label, s in groups.items()

@@ -7,6 +7,8 @@ import re
 
 import numpy as np
 
+from research import schema
+
 # The blog's two training texts, verbatim (../shared/reference/blog-post.md).
 BLOG_REPETITIVE = "the cat the cat the cat the cat the cat"
 BLOG_VARIED = (
@@ -26,7 +28,8 @@ NURSERY = (
   "all the king's men couldn't put humpty together again"
 )
 CORPORA = {"blog_repetitive": BLOG_REPETITIVE, "blog_varied": BLOG_VARIED, "nursery": NURSERY}
-TOKENIZATIONS = ("char", "word")
+assert tuple(CORPORA) == schema.CORPORA
+TOKENIZATIONS = schema.TOKENIZATIONS
 PAD = "<pad>"  # id 0 is reserved, as in the blog's Keras Tokenizer; it is never a target.
 
 

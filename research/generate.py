@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-STRATEGIES = ("greedy", "temperature", "top_k", "top_p")
+from research import schema
+
+STRATEGIES = schema.STRATEGIES
 
 
 @struct.dataclass

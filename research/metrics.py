@@ -14,11 +14,11 @@ def tail_period(x_L) -> jax.Array:
   """
   length = x_L.shape[-1]
   tail = x_L[..., length - length // 2 :]
-  ok_P = jnp.stack(
+  ok_A = jnp.stack(
     [jnp.all(tail[..., p:] == tail[..., :-p], axis=-1) for p in range(1, length // 4 + 1)],
     axis=-1,
   )
-  return jnp.where(ok_P.any(axis=-1), jnp.argmax(ok_P, axis=-1) + 1, 0)
+  return jnp.where(ok_A.any(axis=-1), jnp.argmax(ok_A, axis=-1) + 1, 0)
 
 
 def collapsed(x_L) -> jax.Array:
@@ -38,11 +38,11 @@ def ngrams(x_L, n: int):
   return jnp.stack([x_L[i : length - n + 1 + i] for i in range(n)], axis=-1)
 
 
-def count_unique_rows(rows_MxN) -> jax.Array:
+def count_unique_rows(rows_Gxn) -> jax.Array:
   """Number of distinct rows, by lexicographic sort (no hashing, so any vocabulary size)."""
-  order = jnp.lexsort([rows_MxN[:, k] for k in reversed(range(rows_MxN.shape[1]))])
-  sorted_MxN = rows_MxN[order]
-  return 1 + jnp.sum(jnp.any(sorted_MxN[1:] != sorted_MxN[:-1], axis=-1))
+  order = jnp.lexsort([rows_Gxn[:, k] for k in reversed(range(rows_Gxn.shape[1]))])
+  sorted_Gxn = rows_Gxn[order]
+  return 1 + jnp.sum(jnp.any(sorted_Gxn[1:] != sorted_Gxn[:-1], axis=-1))
 
 
 def distinct_n(x_PxL, n: int) -> jax.Array:

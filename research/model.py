@@ -1,11 +1,19 @@
-"""The blog's model: Embed -> LSTM -> Dropout -> Dense, in flax.linen."""
+"""The blog's model: Embed -> LSTM -> Dropout -> Dense, in flax.linen.
+
+model.impl picks the recurrence: "fused" (research/lstm.py's custom-VJP kernels, fastest on
+CPU) or "flax" (nn.RNN(nn.OptimizedLSTMCell)). Both have the same parameters, names and
+initial values, and compute the same function and gradients (tests/test_model.py).
+"""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct, traverse_util
+from flax import traverse_util
 
-MODES = ("last", "all")
+from research import lstm, schema
+
+MODES = schema.MODES
+IMPLS = schema.IMPLS
 GATES = ("i", "f", "g", "o")  # nn.OptimizedLSTMCell's gate order.
 
 
@@ -31,93 +39,6 @@ def dropout(x, rate, rng):
   keep = 1.0 - rate
   mask = jax.random.bernoulli(rng, keep, x.shape)
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
-@jax.custom_vjp
-def lookup(table_VxD, tokens_TxB):
-  """table[tokens], with a segment-sum backward (the vmapped scatter-add autodiff emits is slow)."""
-  return table_VxD[tokens_TxB]
-
-
-def _lookup_fwd(table_VxD, tokens_TxB):
-  return lookup(table_VxD, tokens_TxB), (table_VxD.shape[0], tokens_TxB)
-
-
-def _lookup_bwd(residuals, d_TxBxD):
-  vocab_size, tokens_TxB = residuals
-  d_NxD = d_TxBxD.reshape(tokens_TxB.size, -1)
-  return jax.ops.segment_sum(d_NxD, tokens_TxB.reshape(-1), vocab_size), None
-
-
-lookup.defvjp(_lookup_fwd, _lookup_bwd)
-
-
-@struct.dataclass
-class LSTMWeights:
-  """One layer's gate kernels and biases, concatenated in GATES order."""
-
-  kernel_i_Ix4H: jax.Array
-  kernel_h_Hx4H: jax.Array
-  bias_4H: jax.Array
-
-
-def _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H):
-  hidden = kernel_h_Hx4H.shape[0]
-  c_BxH = h_BxH = None
-  steps = []
-  for t in range(xproj_TxBx4H.shape[0]):
-    # As flax's cell: (h @ W_h + b) + x @ W_i; at step 0, h = 0 and h @ W_h is exactly zero.
-    rec_Bx4H = bias_4H if h_BxH is None else h_BxH @ kernel_h_Hx4H + bias_4H
-    z_Bx4H = rec_Bx4H + xproj_TxBx4H[t]
-    i, f, g, o = (z_Bx4H[:, k * hidden : (k + 1) * hidden] for k in range(4))
-    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-    c_prev = c_BxH
-    c_BxH = i * g if c_prev is None else f * c_prev + i * g
-    tanh_c = jnp.tanh(c_BxH)
-    h_BxH = o * tanh_c
-    steps.append((i, f, g, o, c_prev, tanh_c, h_BxH))
-  h_TxBxH = jnp.stack([s[-1] for s in steps])
-  # A transposed copy for the backward's dh = da @ W_h^T: XLA's CPU matmul is much slower
-  # on a transposed operand than on a row-major one (the barrier stops XLA folding it back).
-  kernel_h_T_4HxH = jax.lax.optimization_barrier(kernel_h_Hx4H.T)
-  return h_TxBxH, (kernel_h_T_4HxH, h_TxBxH, steps)
-
-
-@jax.custom_vjp
-def lstm_recurrence(kernel_h_Hx4H, bias_4H, xproj_TxBx4H):
-  """nn.OptimizedLSTMCell over time from a zero carry, given x @ W_i: h at every step, TxBxH.
-
-  Same math as flax's cell, with a hand-written backward: gate gradients are concatenated
-  (autodiff pads and adds them) and dW_h is one matmul over all steps.
-  """
-  return _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H)[0]
-
-
-def _recurrence_bwd(residuals, dh_TxBxH):
-  kernel_h_T_4HxH, h_TxBxH, steps = residuals
-  dh_next = dc_next = None
-  da_T = []
-  for t in reversed(range(len(steps))):
-    i, f, g, o, c_prev, tanh_c, _ = steps[t]
-    dh = dh_TxBxH[t] if dh_next is None else dh_TxBxH[t] + dh_next
-    dc = dh * o * (1.0 - tanh_c * tanh_c)
-    dc = dc if dc_next is None else dc + dc_next
-    # d(pre-activation) = d(activation) * sigmoid' (a(1 - a)) or tanh' (1 - a^2).
-    di = dc * g * i * (1.0 - i)
-    df = jnp.zeros_like(dc) if c_prev is None else dc * c_prev * f * (1.0 - f)
-    dg = dc * i * (1.0 - g * g)
-    do = dh * tanh_c * o * (1.0 - o)
-    da_Bx4H = jnp.concatenate([di, df, dg, do], axis=-1)
-    da_T.append(da_Bx4H)
-    if t > 0:
-      dh_next = da_Bx4H @ kernel_h_T_4HxH
-      dc_next = dc * f
-  da_TxBx4H = jnp.stack(da_T[::-1])
-  dkernel_h = jnp.einsum("tbh,tbg->hg", h_TxBxH[:-1], da_TxBx4H[1:])
-  return dkernel_h, da_TxBx4H.sum(axis=(0, 1)), da_TxBx4H
-
-
-lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 class _GateParams(nn.Module):
@@ -147,7 +68,7 @@ class LSTMParams(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, in_features: int) -> LSTMWeights:
+  def __call__(self, in_features: int) -> lstm.LSTMWeights:
     input_kernels, hidden_kernels, biases = [], [], []
     dtype = self.param_dtype
     for gate in GATES:  # Creation order as in the cell: ii, hi, if, hf, ...
@@ -160,7 +81,7 @@ class LSTMParams(nn.Module):
       input_kernels.append(kernel)
       hidden_kernels.append(kernel_h)
       biases.append(bias)
-    return LSTMWeights(
+    return lstm.LSTMWeights(
       kernel_i_Ix4H=jnp.concatenate(input_kernels, axis=-1),
       kernel_h_Hx4H=jnp.concatenate(hidden_kernels, axis=-1),
       bias_4H=jnp.concatenate(biases, axis=-1),
@@ -176,6 +97,7 @@ class LSTMLanguageModel(nn.Module):
   layers: int = 1
   mode: str = "last"
   keras_init: bool = True  # Keras defaults (the blog's); else flax defaults.
+  impl: str = "fused"  # "fused": research/lstm.py; "flax": nn.RNN(nn.OptimizedLSTMCell).
   param_dtype: jnp.dtype = jnp.float32  # float64 when JAX runs with --jax_enable_x64.
 
   @nn.compact
@@ -198,7 +120,29 @@ class LSTMLanguageModel(nn.Module):
     embed = nn.Embed(
       self.vocab_size, self.embed_dim, embedding_init=embed_init, param_dtype=self.param_dtype
     )
-    tokens_TxB = tokens_BxT.T  # Time-major inside the model.
+    if self.impl == "flax":
+      h_BxTxH, h_BxH = self._flax_lstm(embed(tokens_BxT), lengths_B, cell_kw)
+    elif self.impl == "fused":
+      h_BxTxH, h_BxH = self._fused_lstm(embed, tokens_BxT, lengths_B, cell_kw)
+    else:
+      raise ValueError(f"model.impl must be one of {IMPLS}, got {self.impl!r}")
+    h = h_BxTxH if self.mode == "all" else h_BxH
+    h = dropout(h, dropout_rate, dropout_rng)
+    dense = nn.Dense(self.vocab_size, kernel_init=dense_init, param_dtype=self.param_dtype)
+    return dense(h)
+
+  def _flax_lstm(self, x_BxTxD, lengths_B, cell_kw):
+    """flax's own layers: (every step's h BxTxH, the h after each row's last token BxH)."""
+    h_BxTxH = x_BxTxD
+    for layer in range(self.layers):
+      name = "lstm" if layer == 0 else f"lstm_{layer}"
+      cell = nn.OptimizedLSTMCell(self.hidden, param_dtype=self.param_dtype, name=name, **cell_kw)
+      (_, h_BxH), h_BxTxH = nn.RNN(cell, return_carry=True)(h_BxTxH, seq_lengths=lengths_B)
+    return h_BxTxH, h_BxH
+
+  def _fused_lstm(self, embed, tokens_BxT, lengths_B, cell_kw):
+    """The custom-VJP kernels, time-major inside: the same two outputs as _flax_lstm."""
+    tokens_TxB = tokens_BxT.T
     h_TxBxH = None
     for layer in range(self.layers):
       name = "lstm" if layer == 0 else f"lstm_{layer}"
@@ -206,21 +150,17 @@ class LSTMLanguageModel(nn.Module):
       w = LSTMParams(self.hidden, param_dtype=self.param_dtype, name=name, **cell_kw)(in_features)
       if layer == 0 and self.vocab_size <= tokens_TxB.size:
         # Small vocabulary: project the table once (V x 4H), then look rows up.
-        xproj_TxBx4H = lookup(embed.embedding @ w.kernel_i_Ix4H, tokens_TxB)
+        xproj_TxBx4H = lstm.lookup(embed.embedding @ w.kernel_i_Ix4H, tokens_TxB)
       elif layer == 0:
-        xproj_TxBx4H = lookup(embed.embedding, tokens_TxB) @ w.kernel_i_Ix4H
+        xproj_TxBx4H = lstm.lookup(embed.embedding, tokens_TxB) @ w.kernel_i_Ix4H
       else:
         xproj_TxBx4H = h_TxBxH @ w.kernel_i_Ix4H
-      h_TxBxH = lstm_recurrence(w.kernel_h_Hx4H, w.bias_4H, xproj_TxBx4H)
-    if self.mode == "all":
-      h = h_TxBxH.transpose(1, 0, 2)
-    elif lengths_B is None:
-      h = h_TxBxH[-1]
+      h_TxBxH = lstm.lstm_recurrence(w.kernel_h_Hx4H, w.bias_4H, xproj_TxBx4H)
+    if lengths_B is None:
+      h_BxH = h_TxBxH[-1]
     else:  # The state after each row's last valid token, as nn.RNN(seq_lengths=...) returns.
-      h = h_TxBxH[lengths_B - 1, jnp.arange(h_TxBxH.shape[1])]
-    h = dropout(h, dropout_rate, dropout_rng)
-    dense = nn.Dense(self.vocab_size, kernel_init=dense_init, param_dtype=self.param_dtype)
-    return dense(h)
+      h_BxH = h_TxBxH[lengths_B - 1, jnp.arange(h_TxBxH.shape[1])]
+    return h_TxBxH.transpose(1, 0, 2), h_BxH
 
 
 def model_from_config(model_cfg, vocab_size: int) -> LSTMLanguageModel:
@@ -231,6 +171,7 @@ def model_from_config(model_cfg, vocab_size: int) -> LSTMLanguageModel:
     layers=model_cfg.layers,
     mode=model_cfg.mode,
     keras_init=model_cfg.init == "keras",
+    impl=model_cfg.impl,
     param_dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32,
   )
 

@@ -1,9 +1,10 @@
 """Pure, vmappable training: make_train(config, dataset) -> Trainer(init, run_epochs, train)."""
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,9 @@ from flax import struct
 
 from research import data as data_lib
 from research import model as model_lib
+from research import schema
 
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
+OPTIMIZERS = schema.OPTIMIZERS
 # Per-seed state bytes (params, optimizer moments) per chunk of a vmapped CPU run; see
 # seed_chunked. 4-8 MiB (25-50 seeds of the blog's model) measured fastest on a 2-core EPYC.
 CPU_CHUNK_BYTES = 6 << 20
@@ -54,8 +56,8 @@ class TrainResult:
 class EpochPlan:
   """One epoch's minibatches, as Keras' fit(shuffle=True) forms them, and its dropout key."""
 
-  windows_SxBxW: jax.Array  # Shuffled windows; the last minibatch is padded with window 0.
-  weights_SxB: jax.Array  # 1 for real rows, 0 for padding.
+  windows_KxBxW: jax.Array  # Shuffled windows; the last minibatch is padded with window 0.
+  weights_KxB: jax.Array  # 1 for real rows, 0 for padding.
   dropout_key: jax.Array  # Step s uses fold_in(dropout_key, s).
 
 
@@ -69,15 +71,18 @@ def plan_epoch(key, epoch, windows_NxW, batch_size: int, shuffle: bool) -> Epoch
   perm_key, dropout_key = jax.random.split(epoch_key)
   order_N = jax.random.permutation(perm_key, num_windows) if shuffle else jnp.arange(num_windows)
   order_N = jnp.pad(order_N, (0, num_padded - num_windows))
-  weights_SxB = (jnp.arange(num_padded) < num_windows).astype(jnp.float32)
+  weights_KxB = (jnp.arange(num_padded) < num_windows).astype(jnp.float32)
   return EpochPlan(
-    windows_SxBxW=windows_NxW[order_N].reshape(steps, batch_size, -1),  # One gather an epoch.
-    weights_SxB=weights_SxB.reshape(steps, batch_size),
+    windows_KxBxW=windows_NxW[order_N].reshape(steps, batch_size, -1),  # One gather an epoch.
+    weights_KxB=weights_KxB.reshape(steps, batch_size),
     dropout_key=dropout_key,
   )
 
 
-class Trainer(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Pure per-seed functions: vmap them over keys and Hparams."""
+
   init: Callable[[jax.Array, Hparams], TrainState]
   run_epochs: Callable[[TrainState, int], tuple[TrainState, jax.Array]]
   train: Callable[[jax.Array, Hparams], TrainResult]
@@ -217,11 +222,11 @@ def make_train(config, dataset: data_lib.Dataset) -> Trainer:
       rng = jax.random.fold_in(plan.dropout_key, index)
       return train_step(state, batch, rng, model=model, tx=tx)
 
-    steps = plan.weights_SxB.shape[0]
-    xs = (plan.windows_SxBxW, plan.weights_SxB, jnp.arange(steps))
-    state, loss_S = jax.lax.scan(step, state, xs)
+    steps = plan.weights_KxB.shape[0]
+    xs = (plan.windows_KxBxW, plan.weights_KxB, jnp.arange(steps))
+    state, loss_K = jax.lax.scan(step, state, xs)
     # Keras' epoch loss: minibatch losses weighted by their number of real rows.
-    epoch_loss = jnp.sum(loss_S * plan.weights_SxB.sum(axis=1)) / plan.weights_SxB.sum()
+    epoch_loss = jnp.sum(loss_K * plan.weights_KxB.sum(axis=1)) / plan.weights_KxB.sum()
     return state.replace(epoch=state.epoch + 1), epoch_loss
 
   def run_epochs_one(state: TrainState, num_epochs: int):

@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, subprocess_env
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_results(tmp_path):
   out = tmp_path / "results.json"
   env = subprocess_env()
@@ -29,6 +31,11 @@ def test_quick_bench_writes_results(tmp_path):
     assert machine[key], key
   assert results["quick"] is True
   assert results["shape"]["scenario"] == "2_varied_lr1e-3_do0.2"
+  impl = results["impl"]
+  assert impl["fused"]["seeds_per_s"] > 0 and impl["flax"]["seeds_per_s"] > 0
+  assert impl["fused_speedup"] > 0
+  # The same seed trained with either recurrence: the same model up to float rounding.
+  assert impl["final_loss_seed0_abs_diff"] < 1e-4
 
   roofline = results["roofline"]
   for key in ("flops_per_seed", "peak_flops", "seeds_per_s"):

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, subprocess_env
 
 from research import platform
@@ -29,6 +30,7 @@ def test_user_choice_of_the_scheduler_wins():
   assert env["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
 
 
+@pytest.mark.slow
 def test_importing_research_sets_the_flag_before_jax_starts():
   code = "import os, research, jax; jax.devices();print(os.environ['XLA_FLAGS'])"
   out = subprocess.run(
@@ -57,6 +59,7 @@ print("finished", result.loss_E.shape)
 """
 
 
+@pytest.mark.slow
 def test_256_vmapped_seeds_finish_under_a_timeout():
   env = subprocess_env()
   env.pop("XLA_FLAGS", None)

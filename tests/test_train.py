@@ -1,4 +1,6 @@
-"""The pure vmappable training loop."""
+"""The pure vmappable training loop, and its seed-chunked vmap."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,26 +36,6 @@ def full_loss(config, dataset, params):
   return float(train.cross_entropy(logits, targets, jnp.ones(inputs.shape[0])))
 
 
-@pytest.mark.parametrize("mode", ["last", "all"])
-def test_initial_loss_is_about_log_vocab(mode):
-  config = blog_config()
-  config.model.mode = mode
-  dataset, trainer, hparams = setup(config)
-  losses = [
-    full_loss(config, dataset, trainer.init(jax.random.key(s), hparams).params) for s in range(4)
-  ]
-  assert np.mean(losses) == pytest.approx(np.log(dataset.vocab_size), rel=0.02)
-
-
-def test_keras_init_sets_forget_bias_to_one():
-  config = blog_config()
-  dataset, trainer, hparams = setup(config)
-  params = trainer.init(jax.random.key(0), hparams).params
-  np.testing.assert_array_equal(params["lstm"]["hf"]["bias"], 1.0)
-  np.testing.assert_array_equal(params["lstm"]["hi"]["bias"], 0.0)
-  assert float(jnp.abs(params["Embed_0"]["embedding"]).max()) <= 0.05
-
-
 def test_one_step_changes_every_parameter():
   config = blog_config()
   dataset, trainer, hparams = setup(config)
@@ -62,7 +44,8 @@ def test_one_step_changes_every_parameter():
   tx = train.make_optimizer(config.train, hparams.learning_rate)
   inputs, targets = train.split_window(jnp.asarray(dataset.windows_NxW[:32]), "last")
   batch = train.Batch(inputs_BxT=inputs, targets=targets, weights_B=jnp.ones(32))
-  new, loss = train.train_step(state, batch, jax.random.key(1), model=lm, tx=tx)
+  step = jax.jit(functools.partial(train.train_step, model=lm, tx=tx))
+  new, loss = step(state, batch, jax.random.key(1))
   assert np.isfinite(float(loss))
   changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), state.params, new.params)
   assert all(jax.tree_util.tree_leaves(changed)), changed
@@ -147,11 +130,12 @@ def test_partial_last_batch_is_weighted_like_keras():
   # Reference: two plain steps on rows 0-3 and row 4 alone, epoch loss weighted by rows.
   lm = model.model_from_config(config.model, dataset.vocab_size)
   tx = train.make_optimizer(config.train, hparams.learning_rate)
+  step = jax.jit(functools.partial(train.train_step, model=lm, tx=tx))
   losses = []
   for rows in (slice(0, 4), slice(4, 5)):
     inputs, targets = train.split_window(jnp.asarray(dataset.windows_NxW[rows]), "last")
     batch = train.Batch(inputs, targets, jnp.ones(inputs.shape[0]))
-    state, loss = train.train_step(state, batch, jax.random.key(0), model=lm, tx=tx)
+    state, loss = step(state, batch, jax.random.key(0))
     losses.append(float(loss))
   assert float(loss_E[0]) == pytest.approx((4 * losses[0] + losses[1]) / 5, rel=1e-5)
 
@@ -162,3 +146,26 @@ def test_divergence_is_flagged_not_raised():
   _, trainer, hparams = setup(config)
   result = jax.jit(trainer.train)(jax.random.key(0), hparams)
   assert bool(result.state.diverged)
+
+
+@pytest.mark.parametrize("num_seeds", [17, 20])  # 17: the last chunk is padded.
+def test_seed_chunks_equal_one_vmap(monkeypatch, num_seeds):
+  config = tiny_config()
+  config.train.epochs = 2
+  dataset = data.dataset_from_config(config.data)
+  hparams = train.Hparams(jnp.float32(1e-2), jnp.float32(0.2))
+  keys = jax.vmap(jax.random.key)(jnp.arange(num_seeds))
+
+  def run():
+    trainer = train.make_train(config, dataset)
+    return jax.jit(jax.vmap(trainer.train, in_axes=(0, None)))(keys, hparams)
+
+  whole = run()
+  monkeypatch.setattr(train, "CPU_CHUNK_BYTES", 1)  # The smallest chunks: 8 seeds or fewer.
+  chunked = run()
+  np.testing.assert_allclose(chunked.loss_E, whole.loss_E, rtol=1e-6, atol=1e-7)
+  assert chunked.state.epoch.tolist() == [2] * num_seeds
+  leaves = jax.tree_util.tree_leaves(chunked.state), jax.tree_util.tree_leaves(whole.state)
+  for a, b in zip(*leaves, strict=True):
+    if jnp.issubdtype(a.dtype, jnp.number):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

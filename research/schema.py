@@ -1,0 +1,88 @@
+"""The config schema: allowed values and validation, below every stage that they configure.
+
+Stages import their allowed-value lists from here, so the config layer never imports a stage.
+"""
+
+import math
+
+import ml_collections
+
+# Built-in corpora (texts in research/data.py), tokenizers, model and decoding choices.
+CORPORA = ("blog_repetitive", "blog_varied", "nursery")
+TOKENIZATIONS = ("char", "word")
+MODES = ("last", "all")  # "last": predict from the last state; "all": at every position.
+IMPLS = ("fused", "flax")  # LSTM recurrence: the custom-VJP kernel, or nn.RNN(OptimizedLSTMCell).
+INITS = ("keras", "flax")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+STRATEGIES = ("greedy", "temperature", "top_k", "top_p")
+CLAIM_SETS = ("", "blog")  # "" checks none; "blog": research/claims.py on scenarios 1-3.
+
+
+class ConfigError(ValueError):
+  """An invalid config value, with a one-line message naming the field."""
+
+
+def _check(ok: bool, field: str, rule: str, value) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field} must be {rule}, got {value!r}")
+
+
+def _one_of(field: str, value, allowed) -> None:
+  _check(value in allowed, field, f"one of {list(allowed)}", value)
+
+
+def is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(node, group: str, field: str, low: int, rule: str = "") -> None:
+  value = node[field]
+  _check(is_int(value) and value >= low, f"{group}.{field}", rule or f"an int >= {low}", value)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field."""
+  d, m, t, g, s = config.data, config.model, config.train, config.generate, config.study
+  _one_of("data.tokenization", d.tokenization, TOKENIZATIONS)
+  if not d.corpus_file:
+    _one_of("data.corpus", d.corpus, CORPORA)
+  _int_at_least(d, "data", "context_length", 1)
+  for field in ("embed_dim", "hidden", "layers"):
+    _int_at_least(m, "model", field, 1)
+  _check(_finite(m.dropout) and 0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
+  _one_of("model.mode", m.mode, MODES)
+  _one_of("model.impl", m.impl, IMPLS)
+  _one_of("model.init", m.init, INITS)
+  _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+  _check(_finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", "> 0",
+         t.learning_rate)  # fmt: skip
+  _check(_finite(t.adam_eps) and t.adam_eps > 0, "train.adam_eps", "> 0", t.adam_eps)
+  _check(
+    _finite(t.divergence_factor) and t.divergence_factor > 1,
+    "train.divergence_factor",
+    "> 1",
+    t.divergence_factor,
+  )
+  _int_at_least(t, "train", "batch_size", 1)
+  _int_at_least(t, "train", "epochs", 1)
+  _int_at_least(g, "generate", "length", 8)
+  _one_of("generate.strategy", g.strategy, STRATEGIES)
+  _check(_finite(g.temperature) and g.temperature > 0, "generate.temperature", "> 0",
+         g.temperature)  # fmt: skip
+  _int_at_least(g, "generate", "top_k", 1)
+  _check(_finite(g.top_p) and 0.0 < g.top_p <= 1.0, "generate.top_p", "in (0, 1]", g.top_p)
+  _check(
+    len(g.prompts) >= 1 or g.include_training_contexts,
+    "generate.prompts",
+    "non-empty (or include_training_contexts set)",
+    g.prompts,
+  )
+  _one_of("study.claims", s.claims, CLAIM_SETS)
+  _int_at_least(s, "study", "seeds", 1)
+  _int_at_least(s, "study", "seed_offset", 0)
+  _int_at_least(s, "study", "max_parallel_seeds", 0, "an int >= 0 (0 = all seeds at once)")
+  _int_at_least(s, "study", "epochs_per_call", 1)

@@ -1,0 +1,78 @@
+"""The LSTM language model: both recurrences equal (values, gradients, init), Keras init."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from research import data, model, train
+
+
+def pair(vocab: int, layers: int, mode: str):
+  kw = dict(embed_dim=8, hidden=16, layers=layers, mode=mode)
+  return (
+    model.LSTMLanguageModel(vocab, impl="fused", **kw),
+    model.LSTMLanguageModel(vocab, impl="flax", **kw),
+  )
+
+
+@pytest.mark.parametrize(
+  ("mode", "layers", "vocab"), [("last", 1, 12), ("all", 2, 12), ("last", 1, 300)]
+)
+def test_fused_and_flax_lstm_are_the_same_function(mode, layers, vocab):
+  fused, flax_rnn = pair(vocab, layers, mode)
+  tokens_BxT = jax.random.randint(jax.random.key(0), (6, 5), 0, vocab)
+  params = model.init_params(fused, jax.random.key(1), 5)
+  flax_params = model.init_params(flax_rnn, jax.random.key(1), 5)
+  # Same names, shapes and initial values: a saved model loads under either impl.
+  for a, b in zip(*map(jax.tree_util.tree_leaves, (params, flax_params)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(flax_params)
+
+  lengths_B = jnp.asarray([1, 2, 3, 4, 5, 5])
+  for args in [(tokens_BxT,), (tokens_BxT, 0.0, None, lengths_B)]:
+    np.testing.assert_allclose(
+      fused.apply({"params": params}, *args),
+      flax_rnn.apply({"params": params}, *args),
+      rtol=1e-5,
+      atol=1e-6,
+    )
+
+  def loss(m):
+    return lambda p: jnp.sum(m.apply({"params": p}, tokens_BxT, 0.3, jax.random.key(2)) ** 2)
+
+  grads, flax_grads = jax.grad(loss(fused))(params), jax.grad(loss(flax_rnn))(params)
+  for a, b in zip(*map(jax.tree_util.tree_leaves, (grads, flax_grads)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_keras_init_sets_forget_bias_to_one_and_small_embeddings():
+  lm = model.LSTMLanguageModel(10, embed_dim=8, hidden=16)
+  params = model.init_params(lm, jax.random.key(0), 3)
+  np.testing.assert_array_equal(params["lstm"]["hf"]["bias"], 1.0)
+  np.testing.assert_array_equal(params["lstm"]["hi"]["bias"], 0.0)
+  assert float(jnp.abs(params["Embed_0"]["embedding"]).max()) <= 0.05
+
+
+@pytest.mark.parametrize("mode", ["last", "all"])
+def test_initial_loss_is_about_log_vocab(mode):
+  config = tiny_config()
+  config.model.mode = mode
+  dataset = data.dataset_from_config(config.data)
+  lm = model.model_from_config(config.model, dataset.vocab_size)
+  inputs, targets = train.split_window(jnp.asarray(dataset.windows_NxW), mode)
+  losses = []
+  for seed in range(4):
+    params = model.init_params(lm, jax.random.key(seed), dataset.context_length)
+    logits = lm.apply({"params": params}, inputs)
+    losses.append(float(train.cross_entropy(logits, targets, jnp.ones(inputs.shape[0]))))
+  assert np.mean(losses) == pytest.approx(np.log(dataset.vocab_size), rel=0.02)
+
+
+def test_dropout_with_a_traced_rate():
+  x = jnp.ones((1000,))
+  dropped = jax.jit(model.dropout)(x, jnp.float32(0.5), jax.random.key(0))
+  assert 0.4 < float(jnp.mean(dropped == 0)) < 0.6
+  np.testing.assert_allclose(dropped[dropped != 0], 2.0)
+  np.testing.assert_array_equal(model.dropout(x, 0.5, None), x)
