@@ -4,16 +4,17 @@ import os
 import sys
 import tempfile
 
-import research  # noqa: F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
-
-import jax
-import ml_collections
-import numpy as np
-import pytest
-
+# This checkout's code first, whatever an editable install elsewhere points at.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+import research  # noqa: E402, F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from configs import blog, tiny  # noqa: E402
 
