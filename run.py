@@ -1,14 +1,20 @@
-"""Runs a collapse study: python run.py --config=configs/blog.py --workdir=runs/blog."""
+"""Runs a collapse study: python run.py --config=configs/blog.py --workdir=runs/blog.
+
+Exit codes: 0 done; 2 a usage or config error (bad flag, config file or value, corpus, prompt);
+1 a runtime failure (workdir refused or locked, a file that cannot be written); 130 interrupted
+(finished cells are kept; the same command resumes).
+"""
 
 import research  # noqa: F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
 
+import os
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from research import config_lib, data, report, results, study, workdir
+from research import config_lib, data, files, report, results, study, workdir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Study config file (configs/*.py).")
@@ -37,14 +43,32 @@ def unknown_config_field(argv) -> str:
   return ""
 
 
+USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
+
+
+def fail(message: str, code: int):
+  """Prints one error line and exits (the only place errors are printed)."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def config_load_error(e: BaseException) -> str:
+  """A broken config file's error in one line: file:line for syntax errors."""
+  if isinstance(e, SyntaxError):
+    return f"{e.filename}:{e.lineno}: {e.msg}"
+  return str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+
+
 def parse_flags(argv):
   """absl flag parsing, with one-line errors instead of tracebacks for config overrides."""
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"error: {e}\nPass --helpshort for the flags.")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.exit(f"error: {unknown_config_field(argv) or e}")
+    fail(f"{e}\nPass --helpshort for the flags.", USAGE)
+  except SyntaxError as e:
+    fail(f"cannot load the --config file: {config_load_error(e)}", USAGE)
+  except (AttributeError, KeyError, TypeError, ValueError, ImportError, OSError) as e:
+    fail(unknown_config_field(argv) or config_load_error(e), USAGE)
 
 
 def main(argv):
@@ -54,23 +78,26 @@ def main(argv):
     config = FLAGS.config  # Loaded lazily: a missing or broken file fails here.
     config.to_dict()
   except (OSError, AttributeError, SyntaxError, ImportError) as e:
-    reason = str(e).strip().splitlines()[-1].strip()
-    sys.exit(f"error: cannot load --config={FLAGS['config'].config_filename}: {reason}")
+    fail(f"cannot load --config={FLAGS['config'].config_filename}: {config_load_error(e)}", USAGE)
   if FLAGS.distributed:
     jax.distributed.initialize()
   try:
     rows = study.run_study(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
     report.write_report(FLAGS.workdir)
-  except (config_lib.ConfigError, data.DataError, workdir.WorkdirError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (config_lib.ConfigError, data.DataError) as e:
+    fail(str(e), USAGE)
+  except (workdir.WorkdirError, files.WriteError) as e:
+    fail(str(e), RUNTIME)
   except KeyboardInterrupt:
     print(
       f"interrupted: finished cells are kept in {FLAGS.workdir}; run the same command to resume",
       file=sys.stderr,
+      flush=True,
     )
-    sys.exit(130)
+    sys.stdout.flush()
+    # Not sys.exit: finalising the interpreter while XLA's threads still run a compilation or
+    # a computation crashed it (exit 139). Every file is already written atomically.
+    os._exit(INTERRUPTED)
   print(results.format_table(rows))
   print(f"results in {FLAGS.workdir}: results.csv, results.json, per_seed.npz, report.md")
 

@@ -159,6 +159,14 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def cell_fingerprint(cell: Cell) -> str:
+  """Hash of everything that affects this cell's numbers: not the other cells' scenarios."""
+  flat = _without(cell.config, EXECUTION_FIELDS)
+  mine = {k: v for k, v in flat.items() if not k.startswith(("study.scenarios", "study.grid."))}
+  payload = json.dumps(mine, sort_keys=True, default=str)
+  return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def program_key(cell: Cell) -> str:
   """Cells with equal keys differ only in traced hparams: one compiled program serves them."""
   flat = flatten(cell.config.to_dict())

@@ -9,18 +9,33 @@ import tempfile
 import numpy as np
 
 
+class WriteError(OSError):
+  """A file could not be written (full disk, permissions), with the path in the message."""
+
+
+def _umask() -> int:
+  mask = os.umask(0)  # The only portable way to read the umask is to set it.
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def _atomic(path: str):
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+  tmp = None
   try:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    # mkstemp makes 0600 files; results are for collaborators too, so honour the umask.
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
   finally:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
 
 
@@ -34,7 +49,9 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj) -> None:
-  write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+  """Strict JSON: a NaN or infinity is an error (write None for a missing number)."""
+  text = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
+  write_text(path, text + "\n")
 
 
 def write_npz(path: str, arrays: dict) -> None:

@@ -6,10 +6,11 @@ python -m research.report --workdir=DIR rewrites DIR/report.md from DIR's result
 import collections
 import math
 import os
+import sys
 
 from absl import app, flags
 
-from research import claims, config_lib, data, plots, results, workdir
+from research import claims, config_lib, data, files, plots, results, workdir
 from research.results import Row
 
 EXAMPLES = 3  # Distinct probe continuations shown per row.
@@ -238,8 +239,9 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     print(write_report(flags.FLAGS.workdir))
-  except workdir.WorkdirError as e:
-    raise SystemExit(f"error: {e}") from None
+  except (workdir.WorkdirError, files.WriteError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

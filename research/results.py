@@ -38,6 +38,7 @@ class CellMeta:
   vocab: list
   num_windows: int
   seconds: float
+  fingerprint: str  # config_lib.cell_fingerprint of the config that made it.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,10 @@ def _one_of(field: str, value, allowed) -> None:
   _check(value in allowed, field, f"one of {list(allowed)}", value)
 
 
+MAX_INT = 2**31 - 1  # Counts and sizes travel as int32 arrays.
+SEED_LIMIT = 2**32  # PRNG seeds are uint32: seed_offset + seeds must stay below it.
+
+
 def is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
@@ -41,7 +45,19 @@ def _finite(value) -> bool:
 
 def _int_at_least(node, group: str, field: str, low: int, rule: str = "") -> None:
   value = node[field]
-  _check(is_int(value) and value >= low, f"{group}.{field}", rule or f"an int >= {low}", value)
+  ok = is_int(value) and low <= value <= MAX_INT
+  _check(ok, f"{group}.{field}", rule or f"an int in [{low}, {MAX_INT}]", value)
+
+
+def check_vocabulary(gen_cfg, vocab_size: int) -> None:
+  """Checks that need the corpus: top_k cannot exceed the vocabulary (id 0 included)."""
+  if gen_cfg.strategy == "top_k":
+    _check(
+      gen_cfg.top_k <= vocab_size,
+      "generate.top_k",
+      f"<= the vocabulary size ({vocab_size} tokens, id 0 included)",
+      gen_cfg.top_k,
+    )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -83,6 +99,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   _one_of("study.claims", s.claims, CLAIM_SETS)
   _int_at_least(s, "study", "seeds", 1)
-  _int_at_least(s, "study", "seed_offset", 0)
+  _check(
+    is_int(s.seed_offset) and 0 <= s.seed_offset <= SEED_LIMIT - s.seeds,
+    "study.seed_offset",
+    f"an int in [0, 2**32 - study.seeds] (seeds are uint32 PRNG keys; {s.seeds} seeds)",
+    s.seed_offset,
+  )
   _int_at_least(s, "study", "max_parallel_seeds", 0, "an int >= 0 (0 = all seeds at once)")
   _int_at_least(s, "study", "epochs_per_call", 1)

@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from research import config_lib, programs, results, workdir
+from research import config_lib, programs, results, schema, workdir
 from research import data as data_lib
 
 # ----------------------------------------------------------------------------- devices
@@ -49,6 +49,11 @@ class Group:
   def build(cls, cells: list[config_lib.Cell]) -> "Group":
     config = cells[0].config
     dataset = data_lib.dataset_from_config(config.data)
+    for decoding in cells[0].decodings:  # Checks that need the corpus, still before training.
+      try:
+        schema.check_vocabulary(decoding.generate, dataset.vocab_size)
+      except schema.ConfigError as e:
+        raise schema.ConfigError(f"{cells[0].name}@{decoding.name}: {e}") from None
     return cls(cells, dataset, programs.build(config, dataset, cells[0].decodings))
 
   @property
@@ -83,6 +88,7 @@ def _cell_meta(cell: config_lib.Cell, dataset: data_lib.Dataset, seconds: float)
     vocab=list(dataset.vocab),
     num_windows=int(dataset.windows_NxW.shape[0]),
     seconds=seconds,
+    fingerprint=config_lib.cell_fingerprint(cell),
   )
 
 
@@ -121,7 +127,7 @@ def _run_group(group: Group, pending, directory: str, progress: "_Progress") -> 
   seeds = config.study.seeds
   float_dtype = jnp.zeros(()).dtype
   cell_of = np.repeat(np.arange(len(pending)), seeds)
-  seed_of = np.tile(np.arange(seeds) + config.study.seed_offset, len(pending))
+  seed_of = np.tile(np.arange(seeds, dtype=np.uint32) + config.study.seed_offset, len(pending))
   lr_of = np.asarray([c.config.train.learning_rate for c in pending], float_dtype)[cell_of]
   dropout_of = np.asarray([c.config.model.dropout for c in pending], float_dtype)[cell_of]
   total = len(cell_of)
@@ -135,7 +141,7 @@ def _run_group(group: Group, pending, directory: str, progress: "_Progress") -> 
     padded = np.concatenate([rows, np.full(chunk - len(rows), rows[-1])])
     t0 = time.time()
     state = group.programs.init(
-      _to_global(seed_of[padded].astype(np.int32), sharding),
+      _to_global(seed_of[padded], sharding),
       _to_global(lr_of[padded], sharding),
       _to_global(dropout_of[padded], sharding),
     )
@@ -195,11 +201,18 @@ class _Progress:
 
 
 def run_study(config, directory: str, overwrite: bool = False) -> list[results.Row]:
-  """Runs every unfinished cell of `config` into `directory`; returns the results rows."""
+  """Runs every unfinished cell of `config` into `directory`; returns the results rows.
+
+  The workdir is locked while the study runs.
+  """
   start = time.time()
   cells = config_lib.expand_cells(config)
   groups = group_cells(cells)  # Datasets and prompts now: bad data fails before any training.
-  workdir.prepare(directory, config, overwrite)
+  with workdir.open_for_study(directory, config, overwrite):
+    return _run(config, cells, groups, directory, start)
+
+
+def _run(config, cells, groups, directory: str, start: float) -> list[results.Row]:
   logging.info(
     "%d cells x %d seeds in %d compiled program(s) on %s",
     len(cells), config.study.seeds, len(groups), workdir.device_summary(),

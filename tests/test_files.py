@@ -1,5 +1,6 @@
-"""Atomic writes: a failed write leaves the old file and no temporary file behind."""
+"""Atomic writes: no partial files, the user's umask, strict JSON, one-line write errors."""
 
+import errno
 import json
 import os
 
@@ -24,3 +25,31 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     files.write_bytes(path, "not bytes")  # Fails inside the temporary file's write.
   assert json.loads(open(path).read()) == dict(old=True)
   assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_files_honour_the_umask(tmp_path):
+  old = os.umask(0o022)
+  try:
+    files.write_text(str(tmp_path / "a.txt"), "x")
+    assert oct(os.stat(tmp_path / "a.txt").st_mode & 0o777) == oct(0o644)
+    os.umask(0o077)
+    files.write_text(str(tmp_path / "b.txt"), "x")
+    assert oct(os.stat(tmp_path / "b.txt").st_mode & 0o777) == oct(0o600)
+  finally:
+    os.umask(old)
+
+
+def test_a_full_disk_is_one_error_naming_the_file(tmp_path, monkeypatch):
+  def full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(os, "fsync", full)
+  path = str(tmp_path / "results.json")
+  with pytest.raises(files.WriteError, match=f"cannot write {path}: No space left on device"):
+    files.write_json(path, dict(a=1))
+  assert os.listdir(tmp_path) == []
+
+
+def test_json_is_strict():
+  with pytest.raises(ValueError):
+    files.write_json("/nonexistent/never-written.json", dict(rate=float("nan")))

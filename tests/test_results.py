@@ -27,6 +27,7 @@ def meta(**kw):
     vocab=["<pad>", "t", " ", "h"],
     num_windows=10,
     seconds=1.5,
+    fingerprint="0123",
   )
   fields.update(kw)
   return results.CellMeta(**fields)

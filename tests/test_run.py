@@ -125,34 +125,86 @@ def test_four_host_devices_match_one_device(tmp_path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  """An uninterrupted run of the three-cell config, shared by the kill tests."""
+  """An uninterrupted run of the three-cell config (about a second per cell), for kill tests."""
   tmp_path = tmp_path_factory.mktemp("uninterrupted")
-  config_path = write_config(tmp_path, epochs=60, seeds=8)
+  config_path = write_config(tmp_path, epochs=400, seeds=8)
   reference = run_py(config_path, tmp_path / "ref")
   assert reference.returncode == 0, reference.stderr[-3000:]
   return config_path, load_per_seed(tmp_path / "ref")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_run_resumes_to_identical_results(tmp_path, sig, uninterrupted):
+# When to kill: once a file appears, plus a delay. From compiling to the last cell's training.
+MOMENTS = {
+  "compiling": ("config.json", 0.0),
+  "first_chunk": ("config.json", 1.5),
+  "cell_a_written": ("cells/a.json", 0.0),
+  "training_b": ("cells/a.json", 0.5),
+  "training_c": ("cells/b.json", 0.3),
+}
+
+
+@pytest.mark.parametrize("moment", sorted(MOMENTS))
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_run_resumes_to_identical_results(tmp_path, sig, moment, uninterrupted):
   config_path, reference = uninterrupted
   workdir = tmp_path / "killed"
   cmd = [sys.executable, "run.py", f"--config={config_path}", f"--workdir={workdir}"]
   proc = subprocess.Popen(
     cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
+  marker, delay = MOMENTS[moment]
   deadline = time.time() + 240
-  while not (workdir / "cells" / "a.json").exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before the first cell"
-    time.sleep(0.05)
+  while not (workdir / marker).exists():
+    assert proc.poll() is None and time.time() < deadline, f"run ended before {marker}"
+    time.sleep(0.02)
+  time.sleep(delay)
   proc.send_signal(sig)
   _, stderr = proc.communicate(timeout=120)
   assert not (workdir / "results.json").exists(), "the run finished before it was killed"
   if sig == signal.SIGINT:
-    assert proc.returncode == 130 and "run the same command to resume" in stderr
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "run the same command to resume" in stderr and "Fatal Python error" not in stderr
+  else:
+    assert proc.returncode == -signal.SIGKILL
   leftovers = [f for f in os.listdir(workdir / "cells") if f.startswith(".tmp")]
   assert not leftovers
+  finished = {c for c in "abc" if (workdir / "cells" / f"{c}.json").exists()}
   resumed = run_py(config_path, workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "skipping a: already finished" in resumed.stderr
+  for cell in finished:
+    assert f"skipping {cell}: already finished" in resumed.stderr
   assert_same_results(reference, load_per_seed(workdir))
+
+
+def test_syntax_error_in_a_config_file_is_one_line_with_file_and_line(tmp_path):
+  path = tmp_path / "broken.py"
+  path.write_text("def get_config(:\n  return None\n")
+  out = run(f"--config={path}", f"--workdir={tmp_path / 'w'}")
+  assert out.returncode == 2
+  assert_clean_error(out, f"{path}:1: invalid syntax")
+  assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_exit_codes_and_errors_printed_once(tmp_path):
+  out = run_tiny("")  # --workdir= would write into the current directory.
+  assert out.returncode == 1
+  assert_clean_error(out, "--workdir is empty")
+  (tmp_path / "photo.jpg").write_bytes(b"x")
+  out = run_tiny(tmp_path, "--overwrite")
+  assert out.returncode == 1 and (tmp_path / "photo.jpg").exists()
+  assert out.stderr.count("holds no collapse-study run") == 1, out.stderr
+  out = run_tiny(tmp_path / "w", "--config.train.learning_rate=nan")
+  assert out.returncode == 2
+  assert out.stderr.count("config.train.learning_rate must be > 0, got nan") == 1, out.stderr
+
+
+def test_the_report_command_reports_a_write_failure_in_one_line(tmp_path):
+  assert run_tiny(tmp_path).returncode == 0
+  os.unlink(tmp_path / "report.md")
+  os.mkdir(tmp_path / "report.md")  # Unwritable even for root, unlike a read-only folder.
+  out = subprocess.run(
+    [sys.executable, "-m", "research.report", f"--workdir={tmp_path}"],
+    cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  assert out.returncode == 1
+  assert_clean_error(out, f"cannot write {tmp_path}/report.md")

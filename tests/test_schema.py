@@ -13,18 +13,18 @@ INVALID = [
   ("model.dropout", 1.0, "config.model.dropout must be in [0, 1), got 1.0"),
   ("model.dropout", -0.1, "config.model.dropout must be in [0, 1)"),
   ("model.impl", "cudnn", "config.model.impl must be one of ['fused', 'flax']"),
-  ("train.batch_size", 0, "config.train.batch_size must be an int >= 1, got 0"),
-  ("train.epochs", 0, "config.train.epochs must be an int >= 1"),
-  ("study.seeds", 0, "config.study.seeds must be an int >= 1"),
-  ("data.context_length", 0, "config.data.context_length must be an int >= 1"),
-  ("generate.length", 4, "config.generate.length must be an int >= 8, got 4"),
+  ("train.batch_size", 0, "config.train.batch_size must be an int in [1, 2147483647], got 0"),
+  ("train.epochs", 0, "config.train.epochs must be an int in [1, "),
+  ("study.seeds", 0, "config.study.seeds must be an int in [1, "),
+  ("data.context_length", 0, "config.data.context_length must be an int in [1, "),
+  ("generate.length", 4, "config.generate.length must be an int in [8, 2147483647], got 4"),
   ("data.tokenization", "bpe", "config.data.tokenization must be one of ['char', 'word']"),
   ("generate.strategy", "beam", "config.generate.strategy must be one of ['greedy',"),
   ("train.optimizer", "lion", "config.train.optimizer must be one of ['adam', 'sgd',"),
   ("generate.top_p", 1.5, "config.generate.top_p must be in (0, 1], got 1.5"),
   ("generate.top_p", 0.0, "config.generate.top_p must be in (0, 1]"),
   ("generate.temperature", 0.0, "config.generate.temperature must be > 0"),
-  ("generate.top_k", 0, "config.generate.top_k must be an int >= 1"),
+  ("generate.top_k", 0, "config.generate.top_k must be an int in [1, "),
   ("model.mode", "every", "config.model.mode must be one of ['last', 'all']"),
   ("study.claims", "paper", "config.study.claims must be one of ['', 'blog']"),
 ]
@@ -46,3 +46,30 @@ def test_the_default_configs_are_valid():
 
   for module in (blog, decoding, default, epochs, sweep_lr_dropout, tiny, word_level):
     schema.validate(module.get_config())
+
+
+def test_seeds_must_fit_uint32_keys():
+  config = tiny_config(seeds=10, seed_offset=2**32 - 10)
+  schema.validate(config)  # The last seed is 2**32 - 1.
+  config.study.seed_offset = 2**32 - 9
+  with pytest.raises(schema.ConfigError, match=r"config.study.seed_offset must be an int in \["):
+    schema.validate(config)
+  config.study.seed_offset = 2**40
+  with pytest.raises(schema.ConfigError, match="study.seed_offset"):
+    schema.validate(config)
+
+
+def test_counts_must_fit_int32():
+  config = tiny_config()
+  config.train.epochs = 2**31
+  with pytest.raises(schema.ConfigError, match="config.train.epochs must be an int in"):
+    schema.validate(config)
+
+
+def test_top_k_is_checked_against_the_vocabulary():
+  gen = tiny_config().generate
+  gen.strategy, gen.top_k = "top_k", 27
+  with pytest.raises(schema.ConfigError, match=r"config.generate.top_k must be <= the voc"):
+    schema.check_vocabulary(gen, 26)
+  gen.top_k = 26
+  schema.check_vocabulary(gen, 26)

@@ -97,3 +97,11 @@ def test_diverged_seeds_are_counted_and_excluded(tmp_path):
   assert boom.diverged == boom.seeds == 4
   assert np.isnan(boom.collapse_rate) and np.isnan(boom.final_loss_mean)
   assert "all seeds diverged" in results.format_table(rows)
+
+
+def test_top_k_beyond_the_vocabulary_fails_before_anything_is_written(tmp_path):
+  config = tiny_config()
+  config.generate.strategy, config.generate.top_k = "top_k", 500
+  with pytest.raises(config_lib.ConfigError, match=r"default@top_k: config.generate.top_k"):
+    study.run_study(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

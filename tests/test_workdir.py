@@ -1,7 +1,9 @@
-"""The workdir layout: cell files, refusal of another config's workdir, loading, the note."""
+"""The workdir: its layout, what --overwrite may delete, verified resume, the lock, the note."""
 
 import json
+import logging
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -10,12 +12,14 @@ from conftest import tiny_config
 from research import config_lib, results, workdir
 
 
-def one_cell():
-  (cell,) = config_lib.expand_cells(tiny_config())
+def one_cell(**train):
+  config = tiny_config()
+  config.train.update(train)
+  (cell,) = config_lib.expand_cells(config)
   return cell
 
 
-def fake_arrays(seeds=3):
+def fake_arrays(seeds=4):
   return results.SeedArrays(
     train=dict(final_loss=np.arange(seeds, dtype=np.float32), diverged=np.zeros(seeds, bool)),
     decodings=dict(greedy=dict(seed_collapsed=np.ones(seeds, bool))),
@@ -26,46 +30,126 @@ def fake_meta(cell):
   return results.CellMeta(
     name=cell.name, scenario=cell.scenario, scenario_index=0, axes={}, config={},
     decodings=["greedy"], labels={"greedy": cell.name}, vocab=["<pad>", "a"], num_windows=4,
-    seconds=0.5,
+    seconds=0.5, fingerprint=config_lib.cell_fingerprint(cell),
   )  # fmt: skip
+
+
+def opened(tmp_path, config=None, overwrite=False):
+  return workdir.open_for_study(str(tmp_path), config or tiny_config(), overwrite)
 
 
 def test_cell_round_trip(tmp_path):
   cell = one_cell()
-  os.makedirs(tmp_path / workdir.CELLS_DIR)
-  assert not workdir.cell_done(str(tmp_path), cell)
-  workdir.write_cell(str(tmp_path), cell, fake_meta(cell), fake_arrays())
-  assert workdir.cell_done(str(tmp_path), cell)
-  meta, arrays = workdir.read_cell(str(tmp_path), cell)
+  with opened(tmp_path):
+    assert not workdir.cell_done(str(tmp_path), cell)
+    workdir.write_cell(str(tmp_path), cell, fake_meta(cell), fake_arrays())
+    assert workdir.cell_done(str(tmp_path), cell)
+  meta, arrays = workdir.read_cell(str(tmp_path), cell.name)
   assert meta == fake_meta(cell)
-  np.testing.assert_array_equal(arrays.of("greedy")["final_loss"], [0, 1, 2])
+  np.testing.assert_array_equal(arrays.of("greedy")["final_loss"], [0, 1, 2, 3])
   assert arrays.of("greedy")["seed_collapsed"].all()
   with np.load(tmp_path / "cells" / "default.npz") as z:
     assert sorted(z) == ["diverged", "final_loss", "greedy/seed_collapsed"]
 
 
 def test_a_workdir_of_another_config_is_refused(tmp_path):
-  workdir.prepare(str(tmp_path), tiny_config(), overwrite=False)
+  with opened(tmp_path):
+    pass
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["fingerprint"] == config_lib.fingerprint(tiny_config())
   assert saved["versions"]["jax"] and saved["devices"]["backend"] == "cpu"
   assert "xla_cpu_enable_concurrency_optimized_scheduler=false" in saved["xla_flags"]
   # Execution-only fields don't change results, so they don't count as another config.
-  workdir.prepare(str(tmp_path), tiny_config(max_parallel_seeds=2), overwrite=False)
+  with opened(tmp_path, tiny_config(max_parallel_seeds=2)):
+    pass
   changed = tiny_config()
   changed.train.learning_rate = 0.05
   with pytest.raises(workdir.WorkdirError, match="different config.*--overwrite"):
-    workdir.prepare(str(tmp_path), changed, overwrite=False)
-  (tmp_path / "results.json").write_text("{}")
-  workdir.prepare(str(tmp_path), changed, overwrite=True)
-  assert not (tmp_path / "results.json").exists()
+    opened(tmp_path, changed)
+  with opened(tmp_path, changed, overwrite=True):
+    pass
+  assert json.loads((tmp_path / "config.json").read_text())["config"]["train"]["learning_rate"]
+
+
+def test_overwrite_deletes_only_what_the_tool_wrote(tmp_path):
+  cell = one_cell()
+  with opened(tmp_path):
+    workdir.write_cell(str(tmp_path), cell, fake_meta(cell), fake_arrays())
+    workdir.write_note(str(tmp_path), "# note", {"loss_curves": b"png"}, ("loss_curves",))
+  (tmp_path / "photo.jpg").write_bytes(b"the user's")
+  (tmp_path / "cells" / "notes.txt").write_text("the user's too")
+  with opened(tmp_path, overwrite=True):
+    pass
+  left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+  assert left == [".collapse-study.json", "cells/notes.txt", "config.json", "photo.jpg"]
+
+
+@pytest.mark.parametrize("where", ["", "/", "~"])
+def test_empty_root_and_home_workdirs_are_refused(where):
+  with pytest.raises(workdir.WorkdirError, match="--workdir"):
+    workdir.open_for_study(os.path.expanduser(where), tiny_config(), overwrite=True)
+
+
+def test_a_directory_of_other_files_is_refused(tmp_path):
+  (tmp_path / "report.md").write_text("my own report")
+  with pytest.raises(workdir.WorkdirError, match="has files but holds no collapse-study run"):
+    opened(tmp_path, overwrite=True)
+  assert os.listdir(tmp_path) == ["report.md"]
+  assert (tmp_path / "report.md").read_text() == "my own report"
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
   with pytest.raises(workdir.WorkdirError, match="is not writable"):
-    workdir.prepare(str(blocker / "sub"), tiny_config(), overwrite=False)
+    opened(blocker / "sub")
+
+
+def test_a_cell_made_by_another_config_is_recomputed(tmp_path, caplog):
+  cell, other = one_cell(), one_cell(learning_rate=0.05)
+  with opened(tmp_path):
+    workdir.write_cell(str(tmp_path), cell, fake_meta(cell), fake_arrays())
+    with caplog.at_level(logging.WARNING):
+      assert not workdir.cell_done(str(tmp_path), other)
+    assert "cells/default.json was made by another config" in caplog.text
+    assert workdir.cell_done(str(tmp_path), cell)
+
+
+@pytest.mark.parametrize("damage", ["truncate_npz", "bad_json", "missing_field", "seed_count"])
+def test_damaged_cell_files_are_set_aside_and_recomputed(tmp_path, caplog, damage):
+  cell = one_cell()
+  npz, meta_json = tmp_path / "cells" / "default.npz", tmp_path / "cells" / "default.json"
+  with opened(tmp_path):
+    arrays = fake_arrays(seeds=3 if damage == "seed_count" else 4)
+    workdir.write_cell(str(tmp_path), cell, fake_meta(cell), arrays)
+    if damage == "truncate_npz":
+      npz.write_bytes(npz.read_bytes()[:40])
+    elif damage == "bad_json":
+      meta_json.write_text('{"name": "def')
+    elif damage == "missing_field":
+      record = json.loads(meta_json.read_text())
+      del record["vocab"]
+      meta_json.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+      assert not workdir.cell_done(str(tmp_path), cell)
+  assert "cells/default.json is damaged" in caplog.text and "set aside" in caplog.text
+  assert not npz.exists() and not meta_json.exists()
+  assert len(os.listdir(tmp_path / "cells" / "set-aside")) == 2
+
+
+def test_the_lock_refuses_a_second_run_and_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
+  with opened(tmp_path):
+    lock = json.loads((tmp_path / workdir.LOCK).read_text())
+    assert lock["pid"] == os.getpid() and lock["host"]
+    with pytest.raises(workdir.WorkdirError, match=f"in use by pid {os.getpid()}"):
+      opened(tmp_path)
+  assert not (tmp_path / workdir.LOCK).exists()
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  (tmp_path / workdir.LOCK).write_text(json.dumps(dict(pid=dead.pid, host=lock["host"])))
+  with caplog.at_level(logging.WARNING), opened(tmp_path):
+    assert json.loads((tmp_path / workdir.LOCK).read_text())["pid"] == os.getpid()
+  assert f"stale lock of dead pid {dead.pid}" in caplog.text
 
 
 def test_loading_reaches_arrays_by_cell_and_decoding(blog_workdir):
@@ -85,10 +169,11 @@ def test_loading_an_empty_directory_fails_clearly(tmp_path):
     workdir.load(str(tmp_path))
 
 
-def test_the_note_replaces_stale_plots(tmp_path):
-  (tmp_path / "old.png").write_bytes(b"x")
-  (tmp_path / "keep.png").write_bytes(b"mine")
-  path = workdir.write_note(str(tmp_path), "# note", {"new": b"png"}, ("old", "new"))
+def test_the_note_replaces_only_its_own_stale_plots(tmp_path):
+  with opened(tmp_path):
+    workdir.write_note(str(tmp_path), "# old", {"old": b"png"}, ("old",))
+  (tmp_path / "mine.png").write_bytes(b"mine")
+  path = workdir.write_note(str(tmp_path), "# note", {"new": b"png"}, ("old", "new", "mine"))
   assert open(path).read() == "# note"
   assert not (tmp_path / "old.png").exists() and (tmp_path / "new.png").read_bytes() == b"png"
-  assert (tmp_path / "keep.png").read_bytes() == b"mine"  # Not one of the note's plots.
+  assert (tmp_path / "mine.png").read_bytes() == b"mine"  # Not written by the tool.
