@@ -40,3 +40,39 @@ def bootstrap_mean(values, num_resamples: int = 2000, seed: int = 0, level: floa
   alpha = (1 - level) / 2
   low, high = np.quantile(means, [alpha, 1 - alpha])
   return Interval(float(values.mean()), float(low), float(high))
+
+
+def mcnemar_exact(a_S, b_S) -> float:
+  """Exact two-sided McNemar p-value for paired booleans; 1.0 when no pair is discordant.
+
+  A binomial test with p = 0.5 on the discordant pairs: min(1, 2 P[X <= min(b01, b10)]),
+  X ~ Binomial(b01 + b10, 1/2). Summed in exact integers, so it stays accurate where 0.5**n
+  would underflow (n > 1074 pairs).
+  """
+  a_S, b_S = np.asarray(a_S, bool), np.asarray(b_S, bool)
+  if a_S.shape != b_S.shape:
+    raise ValueError(f"mcnemar_exact: paired arrays differ in shape, {a_S.shape} vs {b_S.shape}")
+  b01, b10 = int(np.sum(a_S & ~b_S)), int(np.sum(~a_S & b_S))
+  n = b01 + b10
+  if n == 0:
+    return 1.0
+  tail = sum(math.comb(n, i) for i in range(min(b01, b10) + 1))
+  return min(1.0, 2 * tail / 2**n)
+
+
+def probability_of_improvement(
+  a_S, b_S, num_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> Interval:
+  """Share of seeds where a < b (ties count half), with a percentile bootstrap over seeds.
+
+  Pairs with a NaN on either side are dropped; NaN interval when none is left.
+  """
+  a_S, b_S = np.asarray(a_S, np.float64), np.asarray(b_S, np.float64)
+  if a_S.shape != b_S.shape:
+    raise ValueError(
+      f"probability_of_improvement: paired arrays differ in shape, {a_S.shape} vs {b_S.shape}"
+    )
+  both_S = ~(np.isnan(a_S) | np.isnan(b_S))
+  a_S, b_S = a_S[both_S], b_S[both_S]
+  wins_S = (a_S < b_S) + 0.5 * (a_S == b_S)
+  return bootstrap_mean(wins_S, num_resamples=num_resamples, seed=seed, level=level)

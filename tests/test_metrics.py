@@ -1,5 +1,8 @@
 """Metrics on hand-written token arrays."""
 
+import math
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,3 +70,196 @@ def test_entropy_and_argmax_constant():
   assert float(metrics.mean_entropy(peaked)) < 1e-6
   assert bool(metrics.argmax_constant(peaked))
   assert not bool(metrics.argmax_constant(jnp.asarray([[0.0, 1.0], [1.0, 0.0]])))
+
+
+def test_unigram_distribution_skips_id_0():
+  targets = jnp.asarray([0, 1, 1, 2, 3, 3, 3, 0])
+  u = metrics.unigram_distribution(targets, 5)
+  np.testing.assert_allclose(u, [0.0, 2 / 6, 1 / 6, 3 / 6, 0.0], rtol=1e-6)
+
+
+def test_unigram_kl_known_values():
+  u = jnp.asarray([0.0, 2 / 6, 1 / 6, 3 / 6, 0.0])
+  # Predicting u on its support is 0, whatever mass sits off it (id 0 and the unseen id 4).
+  prior = jnp.log(u).at[0].set(9.0).at[4].set(-3.0)
+  assert float(metrics.unigram_kl(jnp.stack([prior, prior + 2.0]), u)) == pytest.approx(
+    0.0, abs=1e-6
+  )
+  # Uniform, renormalised to 1/3 on the support; all mass on id 3: log(1 / u[3]) = log 2.
+  uniform = jnp.zeros(5)
+  peaked = jnp.full(5, -50.0).at[3].set(0.0)
+  kl_uniform = (np.log((1 / 3) / (2 / 6)) + np.log((1 / 3) / (1 / 6)) + np.log((1 / 3) / 0.5)) / 3
+  assert float(metrics.unigram_kl(uniform[None], u)) == pytest.approx(kl_uniform, rel=1e-5)
+  assert float(metrics.unigram_kl(peaked[None], u)) == pytest.approx(np.log(2), rel=1e-5)
+  assert float(metrics.unigram_kl(jnp.stack([uniform, peaked]), u)) == pytest.approx(
+    (kl_uniform + np.log(2)) / 2, rel=1e-5
+  )
+
+
+def test_unigram_kl_under_vmap_jit_and_grad():
+  targets_SxN = jnp.asarray([[1, 2, 2, 0], [3, 3, 1, 1]])
+  logits_SxCxV = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
+  per_seed = jax.jit(
+    jax.vmap(lambda t, lg: metrics.unigram_kl(lg, metrics.unigram_distribution(t, 4)))
+  )(targets_SxN, logits_SxCxV)
+  for s in range(2):
+    u = metrics.unigram_distribution(targets_SxN[s], 4)
+    assert float(per_seed[s]) == pytest.approx(float(metrics.unigram_kl(logits_SxCxV[s], u)))
+  assert np.all(np.asarray(per_seed) > 0)
+  grad = jax.grad(metrics.unigram_kl)(
+    logits_SxCxV[0], metrics.unigram_distribution(targets_SxN[0], 4)
+  )
+  assert np.all(np.isfinite(grad))
+
+
+# Jitted as in the per-seed evaluation: op-by-op, every primitive of the census compiles apart.
+census_jit = jax.jit(metrics.attractor_census, static_argnums=1)
+cycles_jit = jax.jit(metrics.canonical_cycles, static_argnums=1)
+
+
+def greedy(next_token, prompt, length: int):
+  """`length` tokens from iterating a deterministic next-token map on windows of len(prompt)."""
+  window, out = list(prompt), []
+  for _ in range(length):
+    out.append(next_token(tuple(window)))
+    window = window[1:] + out[-1:]
+  return out
+
+
+def census_reference(x_PxL, context_length: int):
+  """The census definition, written plainly: (distinct, largest share, fixed point, periods)."""
+  names, periods = [], []
+  for x in np.asarray(x_PxL).tolist():
+    seen, name, period = {}, None, 0
+    for t in range(len(x) - context_length + 1):
+      window = tuple(x[t : t + context_length])
+      if window in seen:
+        i = seen[window]
+        period, cycle = t - i, x[i:t]
+        name = min(tuple(cycle[r:] + cycle[:r]) for r in range(period))
+        break
+      seen[window] = t
+    names.append(name)
+    periods.append(period)
+  resolved = [n for n in names if n is not None]
+  counts = {n: resolved.count(n) for n in set(resolved)}
+  if not counts:
+    return 0, math.nan, False, periods
+  top = max(counts.values())
+  largest = min((n for n in counts if counts[n] == top), key=lambda n: (len(n), n))
+  return len(counts), top / len(resolved), len(largest) == 1, periods
+
+
+def assert_census(census, distinct, share, fixed, unresolved, periods):
+  assert int(census.distinct_cycles) == distinct
+  if math.isnan(share):
+    assert math.isnan(float(census.largest_basin_share))
+  else:
+    assert float(census.largest_basin_share) == pytest.approx(share)
+  assert bool(census.largest_is_fixed_point) == fixed
+  assert float(census.unresolved_share) == pytest.approx(unresolved)
+  np.testing.assert_array_equal(census.period_P, periods)
+
+
+def test_census_two_cycles_with_known_basins():
+  # On the last token: 1 -> 2 -> 3 -> 1 (a 3-cycle), 6 -> 1 (a transient); 5 -> 4 -> 4.
+  step = {1: 2, 2: 3, 3: 1, 4: 4, 5: 4, 6: 1}
+  prompts = [(9, 1), (9, 2), (9, 3), (9, 6), (9, 4), (9, 5)]
+  x = jnp.asarray([greedy(lambda w: step[w[-1]], p, 16) for p in prompts])
+  census = census_jit(x, 2)
+  # Four prompts enter the 3-cycle, at three different phases: one cycle, named (1, 2, 3).
+  assert_census(census, 2, 4 / 6, False, 0.0, [3, 3, 3, 3, 1, 1])
+  cycles = cycles_jit(x, 2)
+  np.testing.assert_array_equal(cycles.cycle_PxL[:4], np.tile([1, 2, 3] * 6, (4, 1))[:, :16])
+  np.testing.assert_array_equal(cycles.cycle_PxL[4], np.full(16, 4))
+
+
+def test_census_fixed_point_basin():
+  # Most windows fall to the fixed point 5; the 2-cycle 7 <-> 8 keeps two prompts.
+  step = {1: 5, 2: 5, 3: 5, 5: 5, 7: 8, 8: 7}
+  prompts = [(1,), (2,), (3,), (5,), (7,), (8,)]
+  x = jnp.asarray([greedy(lambda w: step[w[-1]], p, 12) for p in prompts])
+  assert_census(census_jit(x, 1), 2, 4 / 6, True, 0.0, [1, 1, 1, 1, 2, 2])
+  # Equal basins (two prompts each): the smaller period, the fixed point, counts as the largest.
+  tie = jnp.asarray([greedy(lambda w: step[w[-1]], p, 12) for p in [(1,), (5,), (7,), (8,)]])
+  assert_census(census_jit(tie, 1), 2, 2 / 4, True, 0.0, [1, 1, 2, 2])
+
+
+def test_census_fibonacci_windows():
+  # (a, b) -> (b, a + b mod 4) uses both tokens of the window; it is a bijection on the 16
+  # windows, whose cycles are (0, 0) and three more of periods 6, 3 and 6.
+  prompts = [(a, b) for a in range(4) for b in range(4)]
+  x = jnp.asarray([greedy(lambda w: (w[0] + w[1]) % 4, p, 24) for p in prompts])
+  census = census_jit(x, 2)
+  assert_census(census, 4, 6 / 16, False, 0.0, census_reference(x, 2)[3])
+  # From (3, 3) the continuation cycles through 2 1 3 0 3 3; its least rotation is 0 3 3 2 1 3.
+  cycles = cycles_jit(x, 2)
+  np.testing.assert_array_equal(cycles.cycle_PxL[prompts.index((3, 3)), :6], [0, 3, 3, 2, 1, 3])
+
+
+def test_census_least_rotation_with_repeated_tokens():
+  x = jnp.asarray([[2, 1, 1] * 4, [1, 2, 1] * 4, [1, 1, 2] * 4])
+  cycles = cycles_jit(x, 2)
+  np.testing.assert_array_equal(cycles.period_P, [3, 3, 3])
+  np.testing.assert_array_equal(cycles.cycle_PxL, np.tile([1, 1, 2] * 4, (3, 1)))
+  assert int(census_jit(x, 2).distinct_cycles) == 1
+
+
+def test_census_unresolved():
+  resolved = jnp.asarray(greedy(lambda w: 7, (1, 2), 16))
+  mixed = jnp.stack([jnp.arange(16), resolved, jnp.arange(16) + 20])
+  assert_census(census_jit(mixed, 2), 1, 1.0, True, 2 / 3, [0, 1, 0])
+  none = jnp.stack([jnp.arange(16), jnp.arange(16) + 20])
+  assert_census(census_jit(none, 2), 0, math.nan, False, 1.0, [0, 0])
+  # A window as long as the continuation leaves a single window: nothing can repeat.
+  assert_census(census_jit(mixed, 16), 0, math.nan, False, 1.0, [0, 0, 0])
+
+
+@pytest.mark.parametrize("context", [1, 2, 3, 5])
+def test_census_matches_reference_on_random_maps_under_vmap(context):
+  # Random next-token tables on 3^T windows: some prompts resolve within L = 20, some not.
+  rng = np.random.default_rng(context)
+  vocab, length = 3, 20
+  seeds = []
+  for _ in range(6):
+    table = rng.integers(0, vocab, (vocab,) * context)
+    prompts = rng.integers(0, vocab, (10, context))
+    seeds.append([greedy(lambda w, t=table: int(t[w]), tuple(p), length) for p in prompts])
+  x_SxPxL = jnp.asarray(seeds)
+  census = jax.jit(jax.vmap(lambda x: metrics.attractor_census(x, context)))(x_SxPxL)
+  for s in range(len(seeds)):
+    distinct, share, fixed, periods = census_reference(x_SxPxL[s], context)
+    unresolved = np.mean(np.asarray(periods) == 0)
+    one = jax.tree.map(lambda leaf, s=s: leaf[s], census)
+    assert_census(one, distinct, share, fixed, unresolved, periods)
+  # The tables are varied enough to test something: periods above 1, and some unresolved.
+  assert np.any(np.asarray(census.period_P) > 1)
+  if context == 5:
+    assert np.any(np.asarray(census.period_P) == 0)
+
+
+# Collapsed at evaluation epochs 0, 5, 10, 15, 20, one seed per row.
+EPOCHS = jnp.asarray([0, 5, 10, 15, 20])
+CURVES = {
+  "never": ([0, 0, 0, 0, 0], -1, -1, metrics.NEVER_COLLAPSED),
+  "always": ([1, 1, 1, 1, 1], 0, -1, metrics.COLLAPSED_AT_END),
+  "collapse": ([0, 0, 1, 1, 1], 10, -1, metrics.COLLAPSED_AT_END),
+  "escape": ([0, 1, 1, 0, 0], 5, 15, metrics.ESCAPED),
+  "recollapse_then_escape": ([1, 0, 1, 1, 0], 0, 20, metrics.ESCAPED),
+  "escape_then_recollapse": ([0, 1, 0, 0, 1], 5, -1, metrics.COLLAPSED_AT_END),
+}
+
+
+def test_onset_escape_and_class():
+  collapsed_SxQ = jnp.asarray([c[0] for c in CURVES.values()], bool)
+  onset = metrics.onset_epoch(collapsed_SxQ, EPOCHS)
+  escape = metrics.escape_epoch(collapsed_SxQ, EPOCHS)
+  kind = metrics.collapse_class(collapsed_SxQ)
+  for s, (name, (_, want_onset, want_escape, want_class)) in enumerate(CURVES.items()):
+    assert int(onset[s]) == want_onset, name
+    assert int(escape[s]) == want_escape, name
+    assert int(kind[s]) == want_class, name
+  assert metrics.COLLAPSE_CLASSES[metrics.ESCAPED] == "escaped"
+  # The same from numpy inputs and under jit.
+  jitted = jax.jit(metrics.escape_epoch)(np.asarray(collapsed_SxQ), np.asarray(EPOCHS))
+  np.testing.assert_array_equal(jitted, escape)

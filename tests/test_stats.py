@@ -43,3 +43,28 @@ def test_bootstrap_mean_covers_the_mean():
   assert ci.low < values.mean() < ci.high
   assert ci.high - ci.low == pytest.approx(2 * 1.96 / 20, rel=0.25)
   assert math.isnan(stats.bootstrap_mean([np.nan]).estimate)
+
+
+def test_mcnemar_exact_textbook():
+  # 1 pair discordant one way, 9 the other: 2 * (1 + 10) / 2^10.
+  a = [True] * 1 + [False] * 9 + [True] * 5 + [False] * 4
+  b = [False] * 1 + [True] * 9 + [True] * 5 + [False] * 4
+  assert stats.mcnemar_exact(a, b) == pytest.approx(0.021484375, abs=1e-15)
+  assert stats.mcnemar_exact(b, a) == pytest.approx(0.021484375, abs=1e-15)
+  # Symmetric discordance, and none at all.
+  assert stats.mcnemar_exact([True, False, True, False], [False, True, False, True]) == 1.0
+  assert stats.mcnemar_exact([True, False], [True, False]) == 1.0
+  # 0 vs 20: 2 / 2^20.
+  assert stats.mcnemar_exact([True] * 20, [False] * 20) == pytest.approx(2 / 2**20, rel=1e-12)
+
+
+def test_probability_of_improvement():
+  below = stats.probability_of_improvement([0.1, 0.2, 0.3], [0.5, 0.6, 0.7])
+  assert (below.estimate, below.low, below.high) == (1.0, 1.0, 1.0)
+  equal = stats.probability_of_improvement([0.4, 0.4], [0.4, 0.4])
+  assert (equal.estimate, equal.low, equal.high) == (0.5, 0.5, 0.5)
+  # A win, a tie, two losses: 1.5 / 4; the pair with a NaN is dropped.
+  mixed = stats.probability_of_improvement([0.0, 1.0, 2.0, 3.0, np.nan], [1.0, 1.0, 1.0, 1.0, 0.0])
+  assert mixed.estimate == pytest.approx(0.375)
+  assert 0.0 <= mixed.low < 0.375 < mixed.high <= 1.0
+  assert math.isnan(stats.probability_of_improvement([np.nan], [1.0]).estimate)
