@@ -20,6 +20,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Study config file (configs/*.py).")
 flags.DEFINE_string("workdir", None, "Directory for results; re-running resumes.")
 flags.DEFINE_bool("overwrite", False, "Recompute everything, deleting earlier results.")
+flags.DEFINE_bool(
+  "reevaluate",
+  False,
+  "Evaluate a finished workdir's saved models again with this config's decodings "
+  "(generate.*, study.decodings), without training.",
+)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
 jax.config.config_with_absl()  # Exposes --jax_enable_x64 and other JAX flags.
@@ -82,7 +88,10 @@ def main(argv):
   if FLAGS.distributed:
     jax.distributed.initialize()
   try:
-    rows = study.run_study(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    if FLAGS.reevaluate:
+      rows = study.reevaluate_study(config, FLAGS.workdir)
+    else:
+      rows = study.run_study(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
     report.write_report(FLAGS.workdir)
   except (config_lib.ConfigError, data.DataError) as e:
     fail(str(e), USAGE)

@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.generate = ml_collections.ConfigDict()
   config.generate.prompts = ("the",)  # Prompts to continue; the first is the blog's probe.
-  config.generate.include_training_contexts = True  # Also continue every distinct context.
+  config.generate.include_training_contexts = True  # Also continue every distinct context...
+  config.generate.max_prompts = 1024  # ...up to this many prompts (evenly spaced contexts).
   config.generate.length = 64  # Generated tokens per prompt (L), >= 8.
   config.generate.strategy = "greedy"  # "greedy", "temperature", "top_k" or "top_p".
   config.generate.temperature = 1.0  # Softmax temperature for sampling strategies, > 0.
@@ -45,7 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.study.seed_offset = 0  # Seed i uses PRNG key seed_offset + i.
   config.study.scenarios = []  # Named overrides of this config; empty = one "default" cell.
   config.study.grid = ml_collections.ConfigDict()  # Axes, e.g. grid.train.learning_rate=(...).
-  config.study.max_parallel_seeds = 0  # Seeds per compiled call (memory cap); 0 = all.
+  config.study.max_parallel_seeds = 0  # Seeds per compiled call at most; 0 = no cap but memory.
+  config.study.memory_budget_mb = 0  # Memory the engine plans chunks for; 0 = a safe share.
+  config.study.save_models = True  # Keep every trained state (orbax, models/<cell>/).
+  config.study.checkpoint_seconds = 60.0  # Mid-cell train-state checkpoint interval; 0 = always.
   config.study.epochs_per_call = 10  # Epochs per jitted call, so progress shows while training.
   config.study.decodings = []  # Named generate overrides, each decoding the same trained seeds.
   config.study.claims = ""  # Claims the report checks: "" (none) or "blog" (research/claims.py).

@@ -15,7 +15,14 @@ from research.schema import ConfigError, validate
 __all__ = ["Cell", "ConfigError", "Decoding", "expand_cells", "validate"]
 
 # Fields that only change how a study is executed, never its numbers.
-EXECUTION_FIELDS = ("study.max_parallel_seeds", "study.epochs_per_call", "study.claims")
+EXECUTION_FIELDS = (
+  "study.max_parallel_seeds",
+  "study.epochs_per_call",
+  "study.claims",
+  "study.memory_budget_mb",
+  "study.save_models",
+  "study.checkpoint_seconds",
+)
 # Fields that change no array shape: traced, so cells differing only here share one program.
 TRACED_FIELDS = ("train.learning_rate", "model.dropout")
 
@@ -157,6 +164,13 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   """Hash of everything that affects results (execution-only fields excluded)."""
   payload = json.dumps(_without(config, EXECUTION_FIELDS), sort_keys=True, default=str)
   return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def training_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """Hash of what trained models depend on: all but decoding (generate.*, study.decodings)."""
+  flat = _without(config, EXECUTION_FIELDS)
+  kept = {k: v for k, v in flat.items() if not k.startswith(("generate.", "study.decodings"))}
+  return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def cell_fingerprint(cell: Cell) -> str:

@@ -3,6 +3,8 @@
 Pure and per seed, like training: make_evaluate(...) -> evaluate(state); the study vmaps it.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from research import data as data_lib
 from research import generate as generate_lib
 from research import model as model_lib
 from research import train as train_lib
+
+WINDOW_CHUNK = 4096  # Training windows evaluated at once (the memory planner may pick fewer).
 
 
 @struct.dataclass
@@ -50,15 +54,33 @@ class Evaluation:
   decodings: dict
 
 
-def prompt_ids(config, dataset: data_lib.Dataset) -> list[np.ndarray]:
-  """Encoded prompts: config.generate.prompts, then every distinct training context."""
-  ids = [dataset.encode(p) for p in config.generate.prompts]
-  for prompt, encoded in zip(config.generate.prompts, ids, strict=True):
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  """The prompts one evaluation continues, and how many training contexts there were."""
+
+  ids: list  # Encoded prompts: config.generate.prompts, then the chosen training contexts.
+  contexts: int  # Distinct training contexts in the corpus.
+  contexts_used: int  # Of those, continued (generate.max_prompts caps them).
+
+
+def choose_prompts(config, dataset: data_lib.Dataset) -> Prompts:
+  """config.generate.prompts, then distinct training contexts, at most generate.max_prompts.
+
+  When the contexts do not all fit, an evenly spaced subset in first-appearance order is taken:
+  deterministic, and spread over the whole corpus.
+  """
+  gen = config.generate
+  ids = [dataset.encode(p) for p in gen.prompts]
+  for prompt, encoded in zip(gen.prompts, ids, strict=True):
     if len(encoded) == 0:
       raise data_lib.DataError(f"generate.prompts: prompt {prompt!r} has no tokens")
-  if config.generate.include_training_contexts:
-    ids.extend(dataset.distinct_contexts_CxT)
-  return ids
+  contexts_CxT = dataset.distinct_contexts_CxT if gen.include_training_contexts else []
+  room = max(gen.max_prompts - len(ids), 0)
+  chosen = np.arange(len(contexts_CxT))
+  if len(chosen) > room:
+    chosen = np.unique(np.linspace(0, len(chosen) - 1, room).round().astype(int)) if room else []
+  ids.extend(contexts_CxT[i] for i in chosen)
+  return Prompts(ids=ids, contexts=len(dataset.distinct_contexts_CxT), contexts_used=len(chosen))
 
 
 def decode_metrics(x_PxL, vocab_size: int) -> DecodeMetrics:
@@ -76,21 +98,89 @@ def decode_metrics(x_PxL, vocab_size: int) -> DecodeMetrics:
   )
 
 
-def make_evaluate(config, dataset: data_lib.Dataset, decodings: tuple[config_lib.Decoding, ...]):
-  """evaluate(state) -> Evaluation, for one trained seed."""
+@struct.dataclass
+class _WindowSums:
+  """Running sums of the training-set metrics over chunks of windows."""
+
+  loss: jax.Array
+  correct: jax.Array
+  entropy: jax.Array
+  first_pred: jax.Array
+  constant: jax.Array
+
+
+def _window_metrics(apply, inputs_NxT, targets, chunk: int):
+  """(final_loss, accuracy, entropy, argmax_constant) over every training window.
+
+  In chunks of `chunk` windows when there are more, so memory does not grow with the corpus
+  (logits are chunk x V at a time); with fewer windows the whole set in one pass.
+  """
+  num = inputs_NxT.shape[0]
+  if num <= chunk:
+    logits = apply(inputs_NxT)
+    logits_NxV = logits if logits.ndim == 2 else logits[:, -1]  # "all": the last position.
+    targets_N = targets if targets.ndim == 1 else targets[:, -1]
+    return (
+      train_lib.cross_entropy(logits, targets, jnp.ones(num)),
+      jnp.mean(jnp.argmax(logits_NxV, -1) == targets_N),
+      metrics.mean_entropy(logits_NxV),
+      metrics.argmax_constant(logits_NxV),
+    )
+  steps = -(-num // chunk)
+  pad = steps * chunk - num
+  inputs = jnp.pad(inputs_NxT, ((0, pad), (0, 0))).reshape(steps, chunk, -1)
+  targets = jnp.pad(targets, ((0, pad),) + ((0, 0),) * (targets.ndim - 1))
+  targets = targets.reshape(steps, chunk, *targets.shape[1:])
+  valid = (jnp.arange(steps * chunk) < num).reshape(steps, chunk)
+
+  def step(sums: _WindowSums, xs):
+    inputs_BxT, targets_B, valid_B = xs
+    logits = apply(inputs_BxT)
+    logits_BxV = logits if logits.ndim == 2 else logits[:, -1]
+    last_B = targets_B if targets_B.ndim == 1 else targets_B[:, -1]
+    weights_B = valid_B.astype(logits.dtype)
+    is_label = targets_B[..., None] == jnp.arange(logits.shape[-1])
+    ce = jax.nn.logsumexp(logits, -1) - jnp.sum(jnp.where(is_label, logits, 0.0), -1)
+    ce_B = ce if ce.ndim == 1 else ce.mean(-1)
+    logp_BxV = jax.nn.log_softmax(logits_BxV, -1)
+    pred_B = jnp.argmax(logits_BxV, -1)
+    first = jnp.where(sums.first_pred < 0, pred_B[0], sums.first_pred)
+    return _WindowSums(
+      loss=sums.loss + jnp.sum(ce_B * weights_B),
+      correct=sums.correct + jnp.sum((pred_B == last_B) * weights_B),
+      entropy=sums.entropy + jnp.sum(-jnp.sum(jnp.exp(logp_BxV) * logp_BxV, -1) * weights_B),
+      first_pred=first,
+      constant=sums.constant & jnp.all((pred_B == first) | ~valid_B),
+    ), None
+
+  zero = jnp.zeros((), jnp.zeros(()).dtype)
+  start = _WindowSums(zero, zero, zero, jnp.asarray(-1), jnp.asarray(True))
+  sums, _ = jax.lax.scan(step, start, (inputs, targets, valid))
+  return sums.loss / num, sums.correct / num, sums.entropy / num, sums.constant
+
+
+def make_evaluate(
+  config,
+  dataset: data_lib.Dataset,
+  decodings: tuple[config_lib.Decoding, ...],
+  window_chunk: int = WINDOW_CHUNK,
+):
+  """evaluate(state) -> Evaluation, for one trained seed; windows in chunks of window_chunk."""
   model = model_lib.model_from_config(config.model, dataset.vocab_size)
   inputs_NxT, targets = train_lib.split_window(jnp.asarray(dataset.windows_NxW), config.model.mode)
   prompts_PxT, lengths_P = generate_lib.prepare_prompts(
-    prompt_ids(config, dataset), dataset.context_length
+    choose_prompts(config, dataset).ids, dataset.context_length
   )
   generators = [(d.name, generate_lib.make_generate(model, d.generate)) for d in decodings]
   vocab_size = dataset.vocab_size
 
   def evaluate(state: train_lib.TrainState) -> Evaluation:
-    logits = model.apply({"params": state.params}, inputs_NxT)
-    ones_N = jnp.ones(inputs_NxT.shape[0])
-    logits_NxV = logits if logits.ndim == 2 else logits[:, -1]  # "all": the last position.
-    targets_N = targets if targets.ndim == 1 else targets[:, -1]
+    def apply(inputs_BxT):
+      return model.apply({"params": state.params}, inputs_BxT)
+
+    final_loss, accuracy, entropy, constant = _window_metrics(
+      apply, inputs_NxT, targets, window_chunk
+    )
     decoded = {}
     for index, (name, generate) in enumerate(generators):
       key = jax.random.fold_in(jax.random.fold_in(state.key, 2), index)
@@ -98,15 +188,14 @@ def make_evaluate(config, dataset: data_lib.Dataset, decodings: tuple[config_lib
       if index == 0:  # The probe's next-token logits are the same under every decoding.
         probe = jnp.argmax(gen.first_logits_PxV[0])
       decoded[name] = decode_metrics(gen.tokens_PxL, vocab_size)
-    final_loss = train_lib.cross_entropy(logits, targets, ones_N)
     # LSTM gates saturate, so even absurd step sizes rarely overflow: a loss far above the
     # untrained log(V) counts as diverged too.
     exploded = ~(final_loss <= config.train.divergence_factor * jnp.log(vocab_size))
     evals = EvalMetrics(
       final_loss=final_loss,
-      accuracy=jnp.mean(jnp.argmax(logits_NxV, -1) == targets_N),
-      entropy=metrics.mean_entropy(logits_NxV),
-      argmax_constant=metrics.argmax_constant(logits_NxV),
+      accuracy=accuracy,
+      entropy=entropy,
+      argmax_constant=constant,
       probe=probe,
       diverged=state.diverged | exploded,
     )

@@ -1,16 +1,73 @@
 """The compiled, seed-vmapped programs of one program key: init, run_epochs and evaluate.
 
-The study and bench/ build their programs here, so both time and run the same code.
+The study and bench/ build their programs here, so both time and run the same code. The
+footprint estimates what one seed costs in memory, from which the study picks chunk sizes.
 """
 
 import dataclasses
+import math
+import os
 
 import jax
+import numpy as np
 
 from research import config_lib
 from research import data as data_lib
 from research import evaluate as evaluate_lib
 from research import train as train_lib
+
+# Logits a chunk of windows may hold per seed during evaluation (chunk x V floats).
+EVAL_LOGITS_BYTES = 16 << 20
+# Safety factor over the counted arrays: XLA temporaries, fusion buffers, host copies.
+SLACK = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+  """Estimated bytes one seed takes in the programs (conservative; see footprint())."""
+
+  state: int  # Its TrainState: parameters and optimizer moments.
+  train: int  # Training: the state in and out, gradients, one step's activations.
+  evaluate: int  # Evaluation: a window chunk's logits, generation over every prompt.
+  window_chunk: int  # Training windows evaluated at once.
+  prompts: int
+
+
+def footprint(config, dataset: data_lib.Dataset, state_bytes: int, prompts: int) -> Footprint:
+  """Bytes per seed: counted arrays x SLACK. Checked against measured peaks in bench/."""
+  f = 8 if jax.config.jax_enable_x64 else 4
+  v, t, h = dataset.vocab_size, dataset.context_length, config.model.hidden
+  d, length = config.model.embed_dim, config.generate.length
+  batch = min(config.train.batch_size, dataset.windows_NxW.shape[0])
+  gates = 4 * h * config.model.layers
+  activations = batch * (t * (d + 3 * gates + 2 * h) + 3 * v) * f
+  plan = dataset.windows_NxW.size * 4  # One epoch's shuffled windows, gathered per seed.
+  train = 4 * state_bytes + 3 * activations + plan
+  window_chunk = int(min(dataset.windows_NxW.shape[0], max(64, EVAL_LOGITS_BYTES // (v * f))))
+  logits = window_chunk * (4 * v + 2 * t * gates) * f
+  generation = prompts * ((4 * v + 2 * t * gates) * f + length * (length // 4 + 8) * 4)
+  evaluate = state_bytes + logits + generation
+  return Footprint(
+    state=state_bytes,
+    train=SLACK * train,
+    evaluate=SLACK * evaluate,
+    window_chunk=window_chunk,
+    prompts=prompts,
+  )
+
+
+def default_budget() -> int:
+  """A safe share of the memory the programs run in: 70% of an accelerator's, else half of
+  the host's available memory."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if jax.default_backend() != "cpu" and stats.get("bytes_limit"):
+    return int(0.7 * stats["bytes_limit"])
+  try:
+    with open("/proc/meminfo") as f:
+      info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return int(0.5 * info["MemAvailable"])
+  except (OSError, KeyError, ValueError, IndexError):
+    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @dataclasses.dataclass
@@ -18,8 +75,9 @@ class Programs:
   """jit(vmap(...)) of the per-seed functions; inputs and outputs have the seed axis first."""
 
   trainer: train_lib.Trainer
-  init: callable  # (seeds_S int32, learning_rates_S, dropouts_S) -> TrainState
+  init: callable  # (seeds_S uint32, learning_rates_S, dropouts_S) -> TrainState
   evaluate: callable  # TrainState -> evaluate.Evaluation
+  footprint: Footprint
   _run_epochs: dict = dataclasses.field(default_factory=dict)
 
   def epochs_program(self, num_epochs: int):
@@ -44,7 +102,18 @@ def build(
     hparams = train_lib.Hparams(learning_rate=learning_rate, dropout=dropout)
     return trainer.init(jax.random.key(seed), hparams)
 
-  evaluate = evaluate_lib.make_evaluate(config, dataset, decodings)
+  prompts = len(evaluate_lib.choose_prompts(config, dataset).ids)
+  one = jax.eval_shape(init_one, jax.ShapeDtypeStruct((), np.uint32), 1.0, 0.0)
+  state_bytes = sum(
+    math.prod(x.shape) * x.dtype.itemsize
+    for x in jax.tree_util.tree_leaves(one)
+    if jax.numpy.issubdtype(x.dtype, jax.numpy.number)
+  )
+  fp = footprint(config, dataset, state_bytes, prompts)
+  evaluate = evaluate_lib.make_evaluate(config, dataset, decodings, fp.window_chunk)
   return Programs(
-    trainer=trainer, init=jax.jit(jax.vmap(init_one)), evaluate=jax.jit(jax.vmap(evaluate))
+    trainer=trainer,
+    init=jax.jit(jax.vmap(init_one)),
+    evaluate=jax.jit(jax.vmap(evaluate)),
+    footprint=fp,
   )

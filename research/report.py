@@ -115,14 +115,23 @@ def setup_section(directory: str, study: workdir.Finished) -> list[str]:
       f"{', '.join(f'`{k}`' for k in grid) or 'none'}; decodings: "
       f"{', '.join(decodings) or 'the base config'}.",
     ]
-  lines += ["", "Cells:", "", cells_table(study), ""]
+  lines += [
+    "- Prompts: `generate.prompts`, then the distinct training contexts, at most "
+    "`generate.max_prompts` in all; when capped, evenly spaced contexts over the corpus "
+    "(the cells table gives how many were continued).",
+    "",
+    "Cells:",
+    "",
+    cells_table(study),
+    "",
+  ]
   return lines
 
 
 def cells_table(study: workdir.Finished) -> str:
   header = [
     "cell", "corpus", "tokenization", "context", "lr", "dropout", "epochs", "tokens", "windows",
-    "seconds",
+    "prompts (contexts used / distinct)", "seconds",
   ]  # fmt: skip
   body = []
   for meta in study.cells.values():
@@ -138,10 +147,11 @@ def cells_table(study: workdir.Finished) -> str:
         str(t["epochs"]),
         str(len(meta.vocab) - 1),  # Distinct tokens; the reserved id 0 is not one.
         str(meta.num_windows),
+        f"{meta.prompts} ({meta.contexts_used} / {meta.contexts})",
         f"{meta.seconds:.1f}",
       ]
     )
-  return _table(header, body, "lllrrrrrrr")
+  return _table(header, body, "lllrrrrrrrr")
 
 
 def examples_section(study: workdir.Finished) -> list[str]:

@@ -37,6 +37,9 @@ class CellMeta:
   labels: dict  # Decoding name -> row label ("<cell>" or "<cell>@<decoding>").
   vocab: list
   num_windows: int
+  prompts: int  # Prompts continued: config.generate.prompts + the chosen training contexts.
+  contexts: int  # Distinct training contexts in the corpus...
+  contexts_used: int  # ...of which continued (generate.max_prompts caps them).
   seconds: float
   fingerprint: str  # config_lib.cell_fingerprint of the config that made it.
 

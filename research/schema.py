@@ -90,6 +90,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(_finite(g.temperature) and g.temperature > 0, "generate.temperature", "> 0",
          g.temperature)  # fmt: skip
   _int_at_least(g, "generate", "top_k", 1)
+  _int_at_least(g, "generate", "max_prompts", 1)
   _check(_finite(g.top_p) and 0.0 < g.top_p <= 1.0, "generate.top_p", "in (0, 1]", g.top_p)
   _check(
     len(g.prompts) >= 1 or g.include_training_contexts,
@@ -107,3 +108,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   _int_at_least(s, "study", "max_parallel_seeds", 0, "an int >= 0 (0 = all seeds at once)")
   _int_at_least(s, "study", "epochs_per_call", 1)
+  _int_at_least(s, "study", "memory_budget_mb", 0, "an int >= 0 (MiB; 0 = a safe share)")
+  _check(isinstance(s.save_models, bool), "study.save_models", "True or False", s.save_models)
+  _check(
+    _finite(s.checkpoint_seconds) and s.checkpoint_seconds >= 0,
+    "study.checkpoint_seconds",
+    ">= 0",
+    s.checkpoint_seconds,
+  )

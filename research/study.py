@@ -2,6 +2,8 @@
 
 import collections
 import dataclasses
+import hashlib
+import json
 import math
 import time
 
@@ -15,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from research import config_lib, programs, results, schema, workdir
 from research import data as data_lib
+from research import evaluate as evaluate_lib
 
 # ----------------------------------------------------------------------------- devices
 
@@ -69,14 +72,36 @@ def group_cells(cells: list[config_lib.Cell]) -> list[Group]:
   return [Group.build(group) for group in groups.values()]
 
 
-def _chunk_size(total: int, config) -> int:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Seeds per compiled call, chosen so a group's programs stay under the memory budget."""
+
+  budget: int  # Bytes.
+  train_seeds: int  # Rows (cell x seed) trained at once.
+  eval_seeds: int  # Rows evaluated at once.
+
+
+def plan(group: Group, total_rows: int, budget: int) -> Plan:
+  """The largest chunks under the budget (and study.max_parallel_seeds); refuses if none fit."""
   ndev = jax.device_count()
-  size = config.study.max_parallel_seeds or total
-  size = min(size, total)
-  return math.ceil(size / ndev) * ndev  # Padding rows are dropped after the call.
+  fp = group.programs.footprint
+  fits_train, fits_eval = budget // fp.train, budget // fp.evaluate
+  if min(fits_train, fits_eval) < ndev:
+    raise workdir.WorkdirError(
+      f"study.memory_budget_mb={budget >> 20} is too small for {group.cells[0].name}: one seed "
+      f"needs ~{fp.train / 2**20:.1f} MiB to train and ~{fp.evaluate / 2**20:.1f} MiB to "
+      f"evaluate ({fp.prompts} prompts, vocabulary {group.dataset.vocab_size}, "
+      f"{ndev} device(s)); raise it, or lower generate.max_prompts"
+    )
+  cap = group.config.study.max_parallel_seeds or total_rows
+  train = min(cap, total_rows, fits_train)
+  train = math.ceil(train / ndev) * ndev  # Padding rows are dropped after the call.
+  evaluate = min(train, fits_eval // ndev * ndev)
+  return Plan(budget=budget, train_seeds=train, eval_seeds=evaluate)
 
 
 def _cell_meta(cell: config_lib.Cell, dataset: data_lib.Dataset, seconds: float):
+  prompts = evaluate_lib.choose_prompts(cell.config, dataset)
   return results.CellMeta(
     name=cell.name,
     scenario=cell.scenario,
@@ -87,6 +112,9 @@ def _cell_meta(cell: config_lib.Cell, dataset: data_lib.Dataset, seconds: float)
     labels={d.name: cell.label(d.name) for d in cell.decodings},
     vocab=list(dataset.vocab),
     num_windows=int(dataset.windows_NxW.shape[0]),
+    prompts=len(prompts.ids),
+    contexts=prompts.contexts,
+    contexts_used=prompts.contexts_used,
     seconds=seconds,
     fingerprint=config_lib.cell_fingerprint(cell),
   )
@@ -121,49 +149,112 @@ class _CellBuffer:
     )
 
 
-def _run_group(group: Group, pending, directory: str, progress: "_Progress") -> None:
-  """Trains and evaluates every (cell, seed) of `pending` cells, writing each cell when done."""
-  config = group.config
+def _signature(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _evaluate(group: Group, state, rows: int, eval_seeds: int):
+  """Evaluates the first `rows` rows of a trained chunk, eval_seeds rows per call, to host.
+
+  Every call has the same shape (the last one repeats a row), so one compiled program serves.
+  """
+  size = jax.tree_util.tree_leaves(state)[0].shape[0]
+  if eval_seeds >= size:
+    parts = [_to_host(group.programs.evaluate(state))]
+  else:
+    parts = []
+    for a in range(0, rows, eval_seeds):
+      index = np.minimum(np.arange(a, a + eval_seeds), size - 1)
+      part = jax.tree_util.tree_map(lambda x, index=index: x[index], state)
+      parts.append(_to_host(group.programs.evaluate(part)))
+  joined = jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
+  return jax.tree_util.tree_map(lambda x: x[:rows], joined)
+
+
+def _run_group(group: Group, done: set, directory: str, budget: int, progress) -> None:
+  """Trains and evaluates the group's unfinished cells, writing each cell when its seeds are in.
+
+  Rows are (cell, seed) over all the group's cells, so chunk boundaries, and with them the
+  mid-cell checkpoints, do not depend on which cells an earlier run finished; a chunk whose
+  cells are all finished is skipped.
+  """
+  config, cells = group.config, group.cells
   seeds = config.study.seeds
   float_dtype = jnp.zeros(()).dtype
-  cell_of = np.repeat(np.arange(len(pending)), seeds)
-  seed_of = np.tile(np.arange(seeds, dtype=np.uint32) + config.study.seed_offset, len(pending))
-  lr_of = np.asarray([c.config.train.learning_rate for c in pending], float_dtype)[cell_of]
-  dropout_of = np.asarray([c.config.model.dropout for c in pending], float_dtype)[cell_of]
+  cell_of = np.repeat(np.arange(len(cells)), seeds)
+  seed_of = np.tile(np.arange(seeds, dtype=np.uint32) + config.study.seed_offset, len(cells))
+  lr_of = np.asarray([c.config.train.learning_rate for c in cells], float_dtype)[cell_of]
+  dropout_of = np.asarray([c.config.model.dropout for c in cells], float_dtype)[cell_of]
   total = len(cell_of)
-  chunk = _chunk_size(total, config)
+  the_plan = plan(group, total, budget)
+  group_sig = _signature(
+    config_lib.program_key(cells[0]), [config_lib.cell_fingerprint(c) for c in cells]
+  )
+  record = workdir.latest_checkpoint(directory, group_sig)
+  chunk = the_plan.train_seeds
+  if record and record.get("group") == group_sig and record["chunk"] <= chunk:
+    chunk = record["chunk"]  # Resume with the chunks the checkpoint was made with.
+  logging.info(
+    "%s: %d cells x %d seeds; memory budget %d MiB -> %d seeds per training call "
+    "(~%.2f MiB each), %d per evaluation call (~%.2f MiB each)",
+    cells[0].name, len(cells), seeds, budget >> 20, chunk,
+    group.programs.footprint.train / 2**20, the_plan.eval_seeds,
+    group.programs.footprint.evaluate / 2**20,
+  )  # fmt: skip
+  for cell in cells:
+    if cell.name not in done:
+      workdir.remove_models(directory, cell.name)  # Recomputed: no stale chunks of it remain.
   sharding = NamedSharding(_mesh(), P("seeds"))
-  buffers = [_CellBuffer(seeds) for _ in pending]
+  buffers = {i: _CellBuffer(seeds) for i, c in enumerate(cells) if c.name not in done}
   epochs, per_call = config.train.epochs, config.study.epochs_per_call
+  every = config.study.checkpoint_seconds
 
   for start in range(0, total, chunk):
     rows = np.arange(start, min(start + chunk, total))
+    if not any(i in buffers for i in np.unique(cell_of[rows])):
+      continue
     padded = np.concatenate([rows, np.full(chunk - len(rows), rows[-1])])
-    t0 = time.time()
+    t0 = last_save = time.time()
+    sig = _signature(group_sig, chunk, start)
     state = group.programs.init(
       _to_global(seed_of[padded], sharding),
       _to_global(lr_of[padded], sharding),
       _to_global(dropout_of[padded], sharding),
     )
-    losses = []
-    for done in range(0, epochs, per_call):
-      state, loss_SxE = group.programs.run_epochs(state, min(per_call, epochs - done))
+    losses, epoch = [], 0
+    if record and record["signature"] == sig:
+      state, loss_SxE = workdir.restore_checkpoint(directory, record, state)
+      losses, epoch = [loss_SxE], record["epoch"]
+      logging.info("resuming rows %d-%d from their checkpoint at epoch %d", start, rows[-1], epoch)
+    while epoch < epochs:
+      state, loss_SxE = group.programs.run_epochs(state, min(per_call, epochs - epoch))
       losses.append(loss_SxE)
       jax.block_until_ready(loss_SxE)
-      progress.epochs(len(rows), min(done + per_call, epochs), epochs, t0)
-    real = slice(0, len(rows))  # Drop the rows that pad the chunk.
-    evaluation = _to_host(group.programs.evaluate(state))
-    evaluation = jax.tree_util.tree_map(lambda x, real=real: np.asarray(x)[real], evaluation)
-    loss_SxE = np.concatenate([np.asarray(_to_host(x)) for x in losses], axis=1)[real]
+      epoch = min(epoch + per_call, epochs)
+      progress.epochs(len(rows), epoch, epochs, t0)
+      if epoch < epochs and time.time() - last_save >= every:
+        loss_SxE = np.concatenate([np.asarray(_to_host(x)) for x in losses], axis=1)
+        checkpoint = workdir.Checkpoint(group_sig, sig, chunk, start, epoch, loss_SxE)
+        workdir.save_checkpoint(directory, group_sig, checkpoint, state)
+        losses, last_save = [loss_SxE], time.time()
+    real = len(rows)  # Rows past it pad the chunk.
+    evaluation = _evaluate(group, state, real, the_plan.eval_seeds)
+    loss_SxE = np.concatenate([np.asarray(_to_host(x)) for x in losses], axis=1)[:real]
     seconds = time.time() - t0
     for i in np.unique(cell_of[rows]):
+      if i not in buffers:
+        continue
       mine = cell_of[rows] == i
+      if config.study.save_models:
+        first, last = np.flatnonzero(mine)[[0, -1]]
+        part = jax.tree_util.tree_map(lambda x, a=first, b=last: x[a : b + 1], state)
+        workdir.save_models(directory, cells[i].name, seed_of[rows][mine], part)
       buffers[i].add(mine, loss_SxE, evaluation, seconds * mine.sum() / len(rows))
       if buffers[i].remaining == 0:
-        meta = _cell_meta(pending[i], group.dataset, buffers[i].seconds)
-        workdir.write_cell(directory, pending[i], meta, buffers[i].arrays())
-        buffers[i] = None
-        progress.cell_done(pending[i].name)
+        meta = _cell_meta(cells[i], group.dataset, buffers[i].seconds)
+        workdir.write_cell(directory, cells[i], meta, buffers.pop(i).arrays())
+        progress.cell_done(cells[i].name)
+  workdir.clear_checkpoints(directory, group_sig)
 
 
 class _Progress:
@@ -217,14 +308,54 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
     "%d cells x %d seeds in %d compiled program(s) on %s",
     len(cells), config.study.seeds, len(groups), workdir.device_summary(),
   )  # fmt: skip
-  pending_of = [[c for c in g.cells if not workdir.cell_done(directory, c)] for g in groups]
-  seed_epochs = sum(c.config.train.epochs for p in pending_of for c in p) * config.study.seeds
+  done = {c.name for c in cells if workdir.cell_done(directory, c)}
+  pending = [c for c in cells if c.name not in done]
+  seed_epochs = sum(c.config.train.epochs for c in pending) * config.study.seeds
   progress = _Progress(len(cells), seed_epochs)
-  for group, pending in zip(groups, pending_of, strict=True):
+  budget = (config.study.memory_budget_mb << 20) or programs.default_budget()
+  for group in groups:
     for cell in group.cells:
-      if cell not in pending:
+      if cell.name in done:
         logging.info("skipping %s: already finished in %s", cell.name, directory)
         progress.cell_done(cell.name)
-    if pending:
-      _run_group(group, pending, directory, progress)
+    if any(c.name not in done for c in group.cells):
+      _run_group(group, done, directory, budget, progress)
   return workdir.write_results(directory, cells, config.study.seeds, time.time() - start)
+
+
+def reevaluate_study(config, directory: str) -> list[results.Row]:
+  """Evaluates a finished study's saved models again with config's decodings: no training.
+
+  Only generate.* and study.decodings may differ from the config that trained them; loss
+  curves are kept, every other per-seed metric is recomputed by today's code.
+  """
+  start = time.time()
+  cells = config_lib.expand_cells(config)
+  groups = group_cells(cells)
+  with workdir.open_for_reevaluation(directory, config):
+    budget = (config.study.memory_budget_mb << 20) or programs.default_budget()
+    for group in groups:
+      eval_seeds = plan(group, config.study.seeds, budget).eval_seeds
+      for cell in group.cells:
+        t0 = time.time()
+        old_meta, old = workdir.read_cell(directory, cell.name)
+        chunks = workdir.models_of(directory, cell.name)
+        if sum(last - first + 1 for first, last, _ in chunks) != config.study.seeds:
+          raise workdir.WorkdirError(
+            f"cell {cell.name!r} in {directory!r} has no saved models of all its seeds "
+            "(was it run with study.save_models=False?)"
+          )
+        buffer, done = _CellBuffer(config.study.seeds), 0
+        for first, last, path in chunks:
+          state = workdir.load_states(group.programs.trainer, first, last, path)
+          num = last - first + 1
+          evaluation = _evaluate(group, state, num, eval_seeds)
+          losses = old.train["loss_curve"][done : done + num]
+          buffer.add(np.ones(num, bool), losses, evaluation, 0.0)
+          done += num
+        seconds = old_meta.seconds + time.time() - t0
+        workdir.write_cell(
+          directory, cell, _cell_meta(cell, group.dataset, seconds), buffer.arrays()
+        )
+        logging.info("re-evaluated %s (%d seeds)", cell.name, done)
+    return workdir.write_results(directory, cells, config.study.seeds, time.time() - start)

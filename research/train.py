@@ -45,6 +45,14 @@ class TrainState:
   hparams: Hparams
   diverged: jax.Array  # Any non-finite loss so far.
 
+  def to_saved(self) -> "TrainState":
+    """The same state with the typed PRNG key as raw uint32 data, as checkpoints store it."""
+    return self.replace(key=jax.random.key_data(self.key))
+
+  def from_saved(self) -> "TrainState":
+    """Inverse of to_saved."""
+    return self.replace(key=jax.random.wrap_key_data(self.key))
+
 
 @struct.dataclass
 class TrainResult:

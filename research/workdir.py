@@ -5,6 +5,8 @@
 config.json              resolved config, fingerprint, versions, devices
 cells/<slug>.npz, .json  one finished cell: per-seed arrays, then its CellMeta (written last)
 cells/set-aside/         cell files that could not be read, kept for inspection
+models/<slug>/seeds_<first>-<last>/   trained TrainStates of those seeds (orbax, seed axis first)
+checkpoints/<group>/     the train state of the chunk in progress (orbax), for mid-cell resume
 results.json, .csv       one Row per cell x decoding
 per_seed.npz             every cell's arrays, keyed "<cell>/" + array_key(decoding, field)
 report.md, *.png         the note
@@ -14,22 +16,30 @@ manifest is not a study workdir and is refused.
 """
 
 import dataclasses
+import glob
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 import zipfile
 
 import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 
 from research import config_lib, files, results
+from research import data as data_lib
+from research import model as model_lib
+from research import train as train_lib
 
 MANIFEST, LOCK = ".collapse-study.json", ".collapse-study.lock"
 CELLS_DIR = "cells"
 SET_ASIDE_DIR = os.path.join(CELLS_DIR, "set-aside")
+MODELS_DIR, CHECKPOINTS_DIR = "models", "checkpoints"
 CONFIG, RESULTS_JSON, RESULTS_CSV, PER_SEED, REPORT = (
   "config.json",
   "results.json",
@@ -178,6 +188,27 @@ def open_for_study(directory: str, config, overwrite: bool) -> Workdir:
   return Workdir(directory, lock)
 
 
+def open_for_reevaluation(directory: str, config) -> Workdir:
+  """Locks a finished workdir whose models the config can re-decode (same training config)."""
+  config_path = os.path.join(directory, CONFIG)
+  if not os.path.exists(os.path.join(directory, MANIFEST)) or not os.path.exists(config_path):
+    raise WorkdirError(f"--workdir {directory!r} holds no finished study to re-evaluate")
+  saved = ml_collections.ConfigDict(files.read_json(config_path)["config"])
+  old, new = config_lib.training_fingerprint(saved), config_lib.training_fingerprint(config)
+  if old != new:
+    raise WorkdirError(
+      f"--reevaluate: the config trains differently from the one in {directory!r} (training "
+      f"fingerprint {old} != {new}); only generate.* and study.decodings may change"
+    )
+  lock = _acquire_lock(directory)
+  try:
+    _write_config(directory, config)
+  except BaseException:
+    os.unlink(lock)
+    raise
+  return Workdir(directory, lock)
+
+
 def _prepare(directory: str, config, overwrite: bool) -> None:
   config_path = os.path.join(directory, CONFIG)
   new = config_lib.fingerprint(config)
@@ -194,12 +225,16 @@ def _prepare(directory: str, config, overwrite: bool) -> None:
   if overwrite:
     _delete_written(directory)
   os.makedirs(os.path.join(directory, CELLS_DIR), exist_ok=True)
+  _write_config(directory, config)
+
+
+def _write_config(directory: str, config) -> None:
   _write(
     directory,
     CONFIG,
     files.write_json,
     dict(
-      fingerprint=new,
+      fingerprint=config_lib.fingerprint(config),
       config=json.loads(config.to_json_best_effort()),
       versions=versions(),
       devices=device_summary(),
@@ -214,9 +249,15 @@ def _delete_written(directory: str) -> None:
   written = _manifest(directory)
   for relpath in sorted(written):
     path = os.path.join(directory, relpath)
-    if os.path.isfile(path):
+    if os.path.isdir(path):  # An orbax checkpoint: a folder the tool wrote whole.
+      shutil.rmtree(path)
+    elif os.path.isfile(path):
       os.unlink(path)
-  for folder in (SET_ASIDE_DIR, CELLS_DIR):
+  for folder in (SET_ASIDE_DIR, CELLS_DIR, MODELS_DIR, CHECKPOINTS_DIR):
+    path = os.path.join(directory, folder)
+    for sub in sorted(glob.glob(os.path.join(path, "*")), reverse=True):
+      if os.path.isdir(sub) and not os.listdir(sub):
+        os.rmdir(sub)
     path = os.path.join(directory, folder)
     if os.path.isdir(path) and not os.listdir(path):
       os.rmdir(path)
@@ -263,13 +304,18 @@ def _read_cell_files(npz_path: str, json_path: str):
   return meta, arrays
 
 
-def read_cell(directory: str, cell_name: str) -> tuple[results.CellMeta, results.SeedArrays]:
-  npz, meta_json = _cell_relpaths(cell_name)
-  return _read_cell_files(os.path.join(directory, npz), os.path.join(directory, meta_json))
-
-
 # What a damaged cell file raises when read: truncated zip, bad JSON, missing keys or fields.
 _DAMAGED = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
+
+
+def read_cell(directory: str, cell_name: str) -> tuple[results.CellMeta, results.SeedArrays]:
+  """A finished cell's record and arrays; WorkdirError naming the file if it is damaged."""
+  npz, meta_json = _cell_relpaths(cell_name)
+  try:
+    return _read_cell_files(os.path.join(directory, npz), os.path.join(directory, meta_json))
+  except _DAMAGED as e:
+    path = os.path.join(directory, meta_json)
+    raise WorkdirError(f"{path} is damaged ({type(e).__name__}: {e})") from None
 
 
 def cell_done(directory: str, cell: config_lib.Cell) -> bool:
@@ -286,13 +332,10 @@ def cell_done(directory: str, cell: config_lib.Cell) -> bool:
     seeds = {len(v) for v in arrays.train.values()}
     seeds |= {len(v) for fields in arrays.decodings.values() for v in fields.values()}
     if seeds != {cell.config.study.seeds}:
-      raise ValueError(f"seed counts {sorted(seeds)}")
-  except _DAMAGED as e:
+      raise WorkdirError(f"{os.path.join(directory, meta_json)} is damaged (seeds {seeds})")
+  except WorkdirError as e:
     _set_aside(directory, (npz, meta_json))
-    logging.warning(
-      "%s is damaged (%s: %s): set aside in %s, recomputing the cell",
-      os.path.join(directory, meta_json), type(e).__name__, e, SET_ASIDE_DIR,
-    )  # fmt: skip
+    logging.warning("%s: set aside in %s, recomputing the cell", e, SET_ASIDE_DIR)
     return False
   fingerprint = config_lib.cell_fingerprint(cell)
   if meta.fingerprint != fingerprint:
@@ -313,6 +356,141 @@ def _set_aside(directory: str, relpaths) -> None:
       target = os.path.join(SET_ASIDE_DIR, f"{os.path.basename(relpath)}.{stamp}")
       _record(directory, target)
       os.replace(source, os.path.join(directory, target))
+
+
+# ----------------------------------------------------------------------------- train states
+
+
+def _save_state(directory: str, relpath: str, tree) -> None:
+  """An orbax checkpoint of a pytree of arrays, recorded in the manifest before it is written."""
+  _record(directory, relpath)
+  path = os.path.abspath(os.path.join(directory, relpath))
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, tree)
+  checkpointer.wait_until_finished()  # Orbax writes to a temporary folder, then renames it.
+
+
+def _restore_state(path: str, abstract):
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+
+
+def save_models(directory: str, cell_name: str, seeds_S: np.ndarray, state_S) -> None:
+  """Trained states of one cell's consecutive seeds, seed axis first (saved state form)."""
+  relpath = os.path.join(
+    MODELS_DIR, config_lib.slug(cell_name), f"seeds_{int(seeds_S[0])}-{int(seeds_S[-1])}"
+  )
+  _save_state(directory, relpath, dict(seeds=np.asarray(seeds_S), state=state_S.to_saved()))
+
+
+def models_of(directory: str, cell_name: str) -> list[tuple[int, int, str]]:
+  """(first seed, last seed, path) of every saved chunk of a cell's models."""
+  out = []
+  for path in glob.glob(os.path.join(directory, MODELS_DIR, config_lib.slug(cell_name), "*")):
+    first, _, last = os.path.basename(path).removeprefix("seeds_").partition("-")
+    if first.isdigit() and last.isdigit():
+      out.append((int(first), int(last), path))
+  return sorted(out)
+
+
+def load_model(directory: str, cell_name: str, seed: int):
+  """(params, model) of one trained seed: logits = model.apply({"params": params}, tokens_BxT)."""
+  for first, last, path in models_of(directory, cell_name):
+    if first <= seed <= last:
+      trainer, model = _trainer(directory, cell_name)
+      row = seed - first
+      state = load_states(trainer, first, last, path)
+      return jax.tree_util.tree_map(lambda x, row=row: x[row], state.params), model
+  raise WorkdirError(f"no saved model of seed {seed} of cell {cell_name!r} in {directory!r}")
+
+
+def _trainer(directory: str, cell_name: str):
+  """The cell's Trainer and model, rebuilt from its recorded config."""
+  meta, _ = read_cell(directory, cell_name)
+  config = ml_collections.ConfigDict(meta.config)
+  dataset = data_lib.dataset_from_config(config.data)
+  return train_lib.make_train(config, dataset), model_lib.model_from_config(
+    config.model, dataset.vocab_size
+  )
+
+
+def load_states(trainer: train_lib.Trainer, first: int, last: int, path: str):
+  """One saved chunk of TrainStates (seeds first..last, seed axis first), on the device."""
+  num = last - first + 1
+  abstract = dict(
+    seeds=jax.ShapeDtypeStruct((num,), np.uint32), state=abstract_states(trainer, num)
+  )
+  return _restore_state(path, abstract)["state"].from_saved()
+
+
+def abstract_states(trainer: train_lib.Trainer, num_seeds: int):
+  """Shapes and dtypes of num_seeds saved TrainStates (what a restore is checked against)."""
+  dtype = jax.numpy.zeros(()).dtype
+
+  def init(seed):
+    hparams = train_lib.Hparams(jax.numpy.asarray(1.0, dtype), jax.numpy.asarray(0.0, dtype))
+    return trainer.init(jax.random.key(seed), hparams).to_saved()
+
+  return jax.eval_shape(jax.vmap(init), jax.ShapeDtypeStruct((num_seeds,), np.uint32))
+
+
+def remove_models(directory: str, cell_name: str) -> None:
+  """Deletes a cell's saved models (before it is trained again)."""
+  for _, _, path in models_of(directory, cell_name):
+    shutil.rmtree(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """The chunk in progress: which rows, how far, and the losses so far."""
+
+  group: str  # Hash of the group's program and its cells' fingerprints.
+  signature: str  # That, the chunk size and the chunk's first row.
+  chunk: int  # Rows per chunk when it was written (reused on resume).
+  start: int  # First row of the chunk.
+  epoch: int  # Epochs done.
+  loss_SxE: np.ndarray  # Losses of the epochs done.
+
+
+def _checkpoint_dir(group: str) -> str:
+  return os.path.join(CHECKPOINTS_DIR, group)
+
+
+def save_checkpoint(directory: str, group: str, checkpoint: Checkpoint, state) -> None:
+  """Writes the new checkpoint, then drops the older one: one always stays whole."""
+  name = f"rows_{checkpoint.start}_epoch_{checkpoint.epoch}"
+  relpath = os.path.join(_checkpoint_dir(group), name)
+  _save_state(directory, relpath, dict(state=state.to_saved(), loss_SxE=checkpoint.loss_SxE))
+  record = dict(dataclasses.asdict(checkpoint), loss_SxE=None, path=relpath)
+  _write(directory, os.path.join(_checkpoint_dir(group), "latest.json"), files.write_json, record)
+  for old in glob.glob(os.path.join(directory, _checkpoint_dir(group), "rows_*")):
+    if os.path.basename(old) != name:
+      shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(directory: str, group: str) -> dict | None:
+  """The group's latest checkpoint record ({} fields of Checkpoint and its path), if any."""
+  path = os.path.join(directory, _checkpoint_dir(group), "latest.json")
+  try:
+    record = files.read_json(path)
+  except (OSError, ValueError):
+    return None
+  return record if os.path.isdir(os.path.join(directory, record.get("path", ""))) else None
+
+
+def restore_checkpoint(directory: str, record: dict, abstract_state):
+  """(state, loss_SxE) of a checkpoint record; abstract_state gives the expected shapes."""
+  dtype = jax.numpy.zeros(()).dtype
+  rows = jax.tree_util.tree_leaves(abstract_state)[0].shape[0]
+  shape = (rows, record["epoch"])
+  abstract = dict(state=abstract_state, loss_SxE=jax.ShapeDtypeStruct(shape, dtype))
+  tree = _restore_state(os.path.join(directory, record["path"]), abstract)
+  return tree["state"].from_saved(), np.asarray(tree["loss_SxE"])
+
+
+def clear_checkpoints(directory: str, group: str) -> None:
+  shutil.rmtree(os.path.join(directory, _checkpoint_dir(group)), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -397,7 +575,7 @@ def load(directory: str) -> Finished:
     for row in rows:
       if row.cell not in cells:
         cells[row.cell], arrays[row.cell] = read_cell(directory, row.cell)
-  except _DAMAGED as e:
+  except (OSError, ValueError, KeyError, TypeError) as e:
     raise WorkdirError(f"cannot read the results in {directory!r}: {e}") from None
   return Finished(
     rows=rows,

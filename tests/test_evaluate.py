@@ -45,7 +45,7 @@ def test_decoding_metrics_are_the_metrics_of_the_generated_tokens(setup):
   assert sorted(result.decodings) == ["greedy", "hot"]
   lm = model.model_from_config(cell.config.model, dataset.vocab_size)
   prompts_PxT, lengths_P = generate.prepare_prompts(
-    evaluate.prompt_ids(cell.config, dataset), dataset.context_length
+    evaluate.choose_prompts(cell.config, dataset).ids, dataset.context_length
   )
   greedy = generate.make_generate(lm, cell.decodings[0].generate)
   x_PxL = greedy(state.params, prompts_PxT, lengths_P, jax.random.key(0)).tokens_PxL
@@ -60,14 +60,45 @@ def test_decoding_metrics_are_the_metrics_of_the_generated_tokens(setup):
   assert not np.array_equal(hot, got.probe_continuation_L)
 
 
-def test_prompts_are_the_configured_ones_then_every_distinct_context():
+def test_prompts_are_the_configured_ones_then_the_distinct_contexts_up_to_the_cap():
   config = tiny_config()
   dataset = data.dataset_from_config(config.data)
-  ids = evaluate.prompt_ids(config, dataset)
-  assert dataset.decode(ids[0]) == "the"
-  assert len(ids) == 1 + len(dataset.distinct_contexts_CxT)
+  contexts = len(dataset.distinct_contexts_CxT)
+  chosen = evaluate.choose_prompts(config, dataset)
+  assert dataset.decode(chosen.ids[0]) == "the"
+  assert len(chosen.ids) == 1 + contexts and chosen.contexts_used == chosen.contexts == contexts
+  config.generate.max_prompts = 11
+  capped = evaluate.choose_prompts(config, dataset)
+  assert len(capped.ids) == 11 and capped.contexts_used == 10 and capped.contexts == contexts
+  # Evenly spaced over the corpus, first and last contexts included, deterministic.
+  np.testing.assert_array_equal(capped.ids[1], dataset.distinct_contexts_CxT[0])
+  np.testing.assert_array_equal(capped.ids[-1], dataset.distinct_contexts_CxT[-1])
+  again = evaluate.choose_prompts(config, dataset)
+  assert all(np.array_equal(a, b) for a, b in zip(capped.ids, again.ids, strict=True))
   config.generate.prompts = ("the", "   ")
   config.data.tokenization = "word"
   dataset = data.dataset_from_config(config.data)
   with pytest.raises(data.DataError, match="prompt '   ' has no tokens"):
-    evaluate.prompt_ids(config, dataset)
+    evaluate.choose_prompts(config, dataset)
+
+
+@pytest.mark.parametrize("mode", ["last", "all"])
+def test_windows_in_chunks_give_the_one_pass_metrics(mode):
+  config = tiny_config()
+  config.model.mode = mode
+  dataset = data.dataset_from_config(config.data)
+  (cell,) = config_lib.expand_cells(config)
+  trainer = train.make_train(cell.config, dataset)
+  state = trainer.init(jax.random.key(0), train.Hparams(jnp.float32(1e-3), jnp.float32(0.0)))
+  state = state.replace(params=jax.tree_util.tree_map(lambda p: 6.0 * p, state.params))
+  whole = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings))(state)
+  # 95 windows in chunks of 8: the last chunk is padded and must not count.
+  chunked = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, 8))(state)
+  for field in ("final_loss", "accuracy", "entropy"):
+    np.testing.assert_allclose(
+      getattr(chunked.train, field), getattr(whole.train, field), rtol=1e-5, err_msg=field
+    )
+  assert bool(chunked.train.argmax_constant) == bool(whole.train.argmax_constant)
+  constant = state.replace(params=jax.tree_util.tree_map(jnp.zeros_like, state.params))
+  run = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, 8))
+  assert bool(run(constant).train.argmax_constant)  # All-zero weights: one prediction.

@@ -26,6 +26,9 @@ def meta(**kw):
     labels={"greedy": "s[lr=0.1]"},
     vocab=["<pad>", "t", " ", "h"],
     num_windows=10,
+    prompts=5,
+    contexts=9,
+    contexts_used=4,
     seconds=1.5,
     fingerprint="0123",
   )

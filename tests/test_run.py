@@ -208,3 +208,39 @@ def test_the_report_command_reports_a_write_failure_in_one_line(tmp_path):
   )  # fmt: skip
   assert out.returncode == 1
   assert_clean_error(out, f"cannot write {tmp_path}/report.md")
+
+
+def checkpoint_epoch(workdir) -> int:
+  """Epoch of the latest mid-cell checkpoint in workdir (0 if none yet)."""
+  for path in workdir.glob("checkpoints/*/latest.json"):
+    try:
+      return json.loads(path.read_text())["epoch"]
+    except (OSError, ValueError):
+      pass  # Being replaced right now.
+  return 0
+
+
+def test_a_kill_during_a_1000_epoch_cell_resumes_from_its_last_checkpoint(tmp_path):
+  overrides = (
+    "--config.train.epochs=1000",
+    "--config.study.epochs_per_call=50",
+    "--config.study.checkpoint_seconds=0",
+  )
+  reference = run_tiny(tmp_path / "ref", *overrides)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  workdir = tmp_path / "killed"
+  cmd = [sys.executable, "run.py", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  deadline = time.time() + 240
+  while checkpoint_epoch(workdir) < 300:
+    assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
+    time.sleep(0.02)
+  proc.kill()
+  proc.communicate(timeout=60)
+  assert not (workdir / "cells" / "default.json").exists()
+  resumed = run_tiny(workdir, *overrides)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming rows 0-3 from their checkpoint at epoch" in resumed.stderr
+  assert_same_results(load_per_seed(tmp_path / "ref"), load_per_seed(workdir))

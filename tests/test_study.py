@@ -1,15 +1,17 @@
 """Studies end to end, in process: outputs, grids, chunking, resume, divergence."""
 
 import json
+import math
 import os
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_same_results, grid_config, load_per_seed, tiny_config
+from conftest import assert_same_results, blog_tiny_config, grid_config, load_per_seed, tiny_config
 
 from configs import blog
-from research import config_lib, results, study
+from research import config_lib, data, programs, results, study, train, workdir
 
 
 def test_blog_study_outputs(blog_workdir):
@@ -105,3 +107,89 @@ def test_top_k_beyond_the_vocabulary_fails_before_anything_is_written(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"default@top_k: config.generate.top_k"):
     study.run_study(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def test_saved_models_reload_and_give_the_same_losses(blog_workdir):
+  directory, rows = blog_workdir
+  cell = rows[1].cell
+  params, model = workdir.load_model(directory, cell, seed=2)
+  config = config_lib.expand_cells(blog_tiny_config())[1].config
+  dataset = data.dataset_from_config(config.data)
+  inputs, targets = train.split_window(jnp.asarray(dataset.windows_NxW), "last")
+  logits = model.apply({"params": params}, inputs)
+  loss = train.cross_entropy(logits, targets, jnp.ones(len(targets)))
+  final = workdir.read_cell(directory, cell)[1].train["final_loss"]
+  np.testing.assert_allclose(loss, final[2], rtol=1e-5)
+  with pytest.raises(workdir.WorkdirError, match="no saved model of seed 99"):
+    workdir.load_model(directory, cell, seed=99)
+
+
+def test_reevaluation_decodes_saved_models_again_without_training(tmp_path):
+  config = tiny_config()
+  first = study.run_study(config, str(tmp_path))
+  before = load_per_seed(tmp_path)
+  config.study.decodings = [dict(name="greedy"), dict(name="hot", strategy="temperature")]
+  rows = study.reevaluate_study(config, str(tmp_path))
+  assert [r.label for r in rows] == ["default@greedy", "default@hot"]
+  after = load_per_seed(tmp_path)
+  for key in ("loss_curve", "final_loss", "greedy/seed_collapsed", "greedy/tail_period_P"):
+    np.testing.assert_allclose(after[f"default/{key}"], before[f"default/{key}"], rtol=1e-6)
+  assert rows[0].collapse_rate == first[0].collapse_rate
+  assert "default/hot/distinct_2" in after
+  config.train.epochs = 5
+  with pytest.raises(workdir.WorkdirError, match="trains differently"):
+    study.reevaluate_study(config, str(tmp_path))
+
+
+def test_a_cell_killed_mid_training_resumes_from_its_checkpoint(tmp_path, monkeypatch, caplog):
+  config = tiny_config(epochs_per_call=1, checkpoint_seconds=0.0)
+  config.train.epochs = 6
+  study.run_study(config, str(tmp_path / "whole"))
+  calls = []
+  run_epochs = programs.Programs.run_epochs
+
+  def interrupted(self, state, num_epochs):
+    calls.append(num_epochs)
+    if len(calls) == 4:
+      raise KeyboardInterrupt
+    return run_epochs(self, state, num_epochs)
+
+  monkeypatch.setattr(programs.Programs, "run_epochs", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    study.run_study(config, str(tmp_path / "killed"))
+  monkeypatch.undo()
+  assert not (tmp_path / "killed" / "cells" / "default.json").exists()
+  with caplog.at_level("INFO"):
+    study.run_study(config, str(tmp_path / "killed"))
+  assert "resuming rows 0-3 from their checkpoint at epoch 3" in caplog.text
+  assert_same_results(load_per_seed(tmp_path / "whole"), load_per_seed(tmp_path / "killed"))
+  assert not os.listdir(tmp_path / "killed" / "checkpoints")  # Dropped once the cell is done.
+
+
+def test_evaluation_in_small_chunks_equals_one_pass(tmp_path):
+  corpus = tmp_path / "words.txt"
+  rng = np.random.default_rng(0)
+  corpus.write_text(" ".join(rng.choice(["the", "cat", "sat", "on", "a", "mat"], 600)))
+  config = tiny_config(seeds=6)
+  config.data.corpus_file, config.data.tokenization = str(corpus), "word"
+  config.generate.max_prompts = 48  # Far fewer than the corpus' ~200 distinct contexts.
+  roomy = study.run_study(config, str(tmp_path / "roomy"))
+  (cell,) = config_lib.expand_cells(config)
+  group = study.group_cells([cell])[0]
+  budget_mb = math.ceil(2.5 * group.programs.footprint.evaluate / 2**20)
+  assert study.plan(group, 6, budget_mb << 20).eval_seeds < 6  # Several evaluation calls.
+  tight = tiny_config(seeds=6, memory_budget_mb=budget_mb)
+  tight.data, tight.generate = config.data, config.generate
+  rows = study.run_study(tight, str(tmp_path / "tight"))
+  assert rows[0].collapse_rate == roomy[0].collapse_rate
+  meta, _ = workdir.read_cell(str(tmp_path / "tight"), "default")
+  assert meta.prompts == 48 and meta.contexts_used == 47 and meta.contexts > 48
+  assert_same_results(load_per_seed(tmp_path / "roomy"), load_per_seed(tmp_path / "tight"))
+
+
+def test_an_impossible_memory_budget_is_refused_before_training(tmp_path):
+  config = tiny_config(memory_budget_mb=1)
+  config.model.hidden = 256
+  with pytest.raises(workdir.WorkdirError, match=r"memory_budget_mb=1 is too small .* MiB"):
+    study.run_study(config, str(tmp_path))
+  assert not os.listdir(tmp_path / "cells")

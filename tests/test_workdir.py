@@ -28,10 +28,21 @@ def fake_arrays(seeds=4):
 
 def fake_meta(cell):
   return results.CellMeta(
-    name=cell.name, scenario=cell.scenario, scenario_index=0, axes={}, config={},
-    decodings=["greedy"], labels={"greedy": cell.name}, vocab=["<pad>", "a"], num_windows=4,
-    seconds=0.5, fingerprint=config_lib.cell_fingerprint(cell),
-  )  # fmt: skip
+    name=cell.name,
+    scenario=cell.scenario,
+    scenario_index=0,
+    axes={},
+    config={},
+    decodings=["greedy"],
+    labels={"greedy": cell.name},
+    vocab=["<pad>", "a"],
+    num_windows=4,
+    prompts=3,
+    contexts=2,
+    contexts_used=2,
+    seconds=0.5,
+    fingerprint=config_lib.cell_fingerprint(cell),
+  )
 
 
 def opened(tmp_path, config=None, overwrite=False):
