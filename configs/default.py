@@ -7,8 +7,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.data = ml_collections.ConfigDict()
-  config.data.corpus = "blog_varied"  # Built-in corpus: blog_repetitive, blog_varied, nursery.
+  config.data.corpus = "blog_varied"  # blog_repetitive, blog_varied, nursery or pydoc_topics.
   config.data.corpus_file = ""  # Path to a UTF-8 text file; overrides data.corpus when set.
+  config.data.max_chars = 0  # Train on the text's first max_chars characters; 0 = all of it.
   config.data.tokenization = "char"  # "char" or "word" (vocab by frequency, id 0 reserved).
   config.data.context_length = 3  # Tokens of context per training window (blog: 3 chars).
   config.data.drop_last_window = True  # Blog's range(len - seq_length) skips the last window.

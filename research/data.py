@@ -2,8 +2,12 @@
 
 import collections
 import dataclasses
+import functools
+import hashlib
 import os
 import re
+import sys
+import unicodedata
 
 import numpy as np
 
@@ -27,7 +31,48 @@ NURSERY = (
   "humpty dumpty sat on a wall humpty dumpty had a great fall all the king's horses and "
   "all the king's men couldn't put humpty together again"
 )
-CORPORA = {"blog_repetitive": BLOG_REPETITIVE, "blog_varied": BLOG_VARIED, "nursery": NURSERY}
+# A decorative rule line: only - = * ~ ^ + | and blanks, with a run of three of - = * ~ ^
+# (reST heading underlines, table borders). Dropped: long runs of one character would be
+# ready-made repetition attractors that say nothing about English.
+_RULE_LINE = re.compile(r"(?=.*([-=*~^])\1\1)[-=*~^+| \t]*")
+# Typographic punctuation -> its ASCII look-alike, before NFKD drops everything non-ASCII.
+_ASCII_PUNCTUATION = str.maketrans(
+  {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-",
+   "\u2026": "..."}
+)  # fmt: skip
+
+
+@functools.cache
+def pydoc_topics() -> str:
+  """CPython's bundled help texts (pydoc_data.topics), normalised to one line of ASCII.
+
+  Steps: the topics' texts joined by newlines in sorted key order; rule lines dropped
+  (_RULE_LINE); curly quotes, dashes and ellipses mapped to ASCII, then NFKD and every
+  remaining non-ASCII character dropped; runs of whitespace (newlines included) collapsed to
+  one space; stripped. Case is kept (the tokenizers lower-case). Read from the standard
+  library only, no network, on first use; the text differs between Python versions.
+  """
+  try:
+    from pydoc_data import topics  # Imported here: only this corpus needs the 0.5 MB module.
+  except ImportError:
+    raise DataError(
+      "data.corpus 'pydoc_topics' needs the standard library's pydoc_data package, "
+      "which this Python installation lacks"
+    ) from None
+  text = "\n".join(topics.topics[key] for key in sorted(topics.topics))
+  text = "\n".join(line for line in text.split("\n") if not _RULE_LINE.fullmatch(line))
+  text = unicodedata.normalize("NFKD", text.translate(_ASCII_PUNCTUATION))
+  text = text.encode("ascii", "ignore").decode("ascii")
+  return re.sub(r"\s+", " ", text).strip()
+
+
+# Built-in corpora by name, each a function returning its text, so large ones load on use.
+CORPORA = {
+  "blog_repetitive": lambda: BLOG_REPETITIVE,
+  "blog_varied": lambda: BLOG_VARIED,
+  "nursery": lambda: NURSERY,
+  "pydoc_topics": pydoc_topics,
+}
 assert tuple(CORPORA) == schema.CORPORA
 TOKENIZATIONS = schema.TOKENIZATIONS
 PAD = "<pad>"  # id 0 is reserved, as in the blog's Keras Tokenizer; it is never a target.
@@ -119,7 +164,46 @@ def load_text(corpus: str, corpus_file: str = "") -> str:
     raise DataError(
       f"data.corpus must be one of {sorted(CORPORA)} (or set data.corpus_file), got {corpus!r}"
     )
-  return CORPORA[corpus]
+  return CORPORA[corpus]()
+
+
+def cut(text: str, max_chars: int) -> str:
+  """The first max_chars characters of text (0: all of it).
+
+  A character count, so at word level the last word may be cut short.
+  """
+  return text[:max_chars] if max_chars else text
+
+
+def corpus_text(data_cfg) -> str:
+  """The text a data config trains on: its corpus or file, cut to data.max_chars."""
+  return cut(load_text(data_cfg.corpus, data_cfg.corpus_file), data_cfg.max_chars)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusInfo:
+  """What text a data config trains on, for the record (config.json)."""
+
+  name: str  # The built-in corpus name, or the corpus file's path.
+  chars: int  # Characters after normalisation and the data.max_chars cut.
+  sha256: str  # Hex SHA-256 of that text, UTF-8 encoded.
+  python_version: str | None  # pydoc_topics only: its text differs between Python versions.
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def corpus_info(data_cfg) -> CorpusInfo:
+  """Name, size and hash of the text that data_cfg trains on."""
+  text = corpus_text(data_cfg)
+  builtin = not data_cfg.corpus_file
+  version = sys.version.split()[0]  # e.g. "3.11.7" or "3.13.0rc1": release and pre-release.
+  return CorpusInfo(
+    name=data_cfg.corpus if builtin else data_cfg.corpus_file,
+    chars=len(text),
+    sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    python_version=version if builtin and data_cfg.corpus == "pydoc_topics" else None,
+  )
 
 
 def make_dataset(
@@ -149,7 +233,7 @@ def make_dataset(
 
 
 def dataset_from_config(data_cfg) -> Dataset:
-  text = load_text(data_cfg.corpus, data_cfg.corpus_file)
+  text = corpus_text(data_cfg)
   return make_dataset(
     text, data_cfg.tokenization, data_cfg.context_length, data_cfg.drop_last_window
   )

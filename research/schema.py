@@ -8,7 +8,8 @@ import math
 import ml_collections
 
 # Built-in corpora (texts in research/data.py), tokenizers, model and decoding choices.
-CORPORA = ("blog_repetitive", "blog_varied", "nursery")
+# pydoc_topics: CPython's bundled help texts, a real English corpus needing no download.
+CORPORA = ("blog_repetitive", "blog_varied", "nursery", "pydoc_topics")
 TOKENIZATIONS = ("char", "word")
 MODES = ("last", "all")  # "last": predict from the last state; "all": at every position.
 IMPLS = ("fused", "flax")  # LSTM recurrence: the custom-VJP kernel, or nn.RNN(OptimizedLSTMCell).
@@ -67,6 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not d.corpus_file:
     _one_of("data.corpus", d.corpus, CORPORA)
   _int_at_least(d, "data", "context_length", 1)
+  _int_at_least(d, "data", "max_chars", 0, "an int >= 0 (0 = the whole text)")
   for field in ("embed_dim", "hidden", "layers"):
     _int_at_least(m, "model", field, 1)
   _check(_finite(m.dropout) and 0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)

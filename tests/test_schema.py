@@ -1,9 +1,10 @@
 """Config validation: every bad value fails with one line naming the field."""
 
+import ml_collections
 import pytest
 from conftest import tiny_config
 
-from research import schema
+from research import config_lib, schema
 
 INVALID = [
   ("train.learning_rate", -0.1, "config.train.learning_rate must be > 0, got -0.1"),
@@ -27,6 +28,7 @@ INVALID = [
   ("generate.top_k", 0, "config.generate.top_k must be an int in [1, "),
   ("model.mode", "every", "config.model.mode must be one of ['last', 'all']"),
   ("study.claims", "paper", "config.study.claims must be one of ['', 'blog']"),
+  ("data.max_chars", -1, "config.data.max_chars must be an int >= 0 (0 = the whole text), got -1"),
 ]
 
 
@@ -41,10 +43,22 @@ def test_invalid_values_name_the_field(field, value, message):
   assert "\n" not in str(e.value)
 
 
-def test_the_default_configs_are_valid():
-  from configs import blog, decoding, default, epochs, sweep_lr_dropout, tiny, word_level
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_invalid_max_chars_names_the_field(value):
+  config = tiny_config()
+  # A new data group, as a config file may build one: ConfigDict type checks would refuse 1.5.
+  config.data = ml_collections.ConfigDict({**config.data.to_dict(), "max_chars": value})
+  with pytest.raises(schema.ConfigError) as e:
+    schema.validate(config)
+  assert str(e.value) == (
+    f"config.data.max_chars must be an int >= 0 (0 = the whole text), got {value!r}"
+  )
 
-  for module in (blog, decoding, default, epochs, sweep_lr_dropout, tiny, word_level):
+
+def test_the_default_configs_are_valid():
+  from configs import blog, decoding, default, epochs, real_text, sweep_lr_dropout, tiny, word_level
+
+  for module in (blog, decoding, default, epochs, real_text, sweep_lr_dropout, tiny, word_level):
     schema.validate(module.get_config())
 
 
@@ -73,3 +87,24 @@ def test_top_k_is_checked_against_the_vocabulary():
     schema.check_vocabulary(gen, 26)
   gen.top_k = 26
   schema.check_vocabulary(gen, 26)
+
+
+def test_real_text_expands_into_the_blog_settings_at_char_and_word_level():
+  from configs import real_text
+
+  config = real_text.get_config()
+  cells = config_lib.expand_cells(config)
+  assert [c.name for c in cells] == [
+    f"{tok}_{setting}"
+    for tok in ("char", "word")
+    for setting in ("1_lr0.1_do0.0", "2_lr1e-3_do0.2", "3_lr1e-4_do0.5")
+  ]
+  settings = [(0.1, 0.0), (1e-3, 0.2), (1e-4, 0.5)] * 2
+  for cell, (lr, dropout) in zip(cells, settings, strict=True):
+    c = cell.config
+    assert (c.train.learning_rate, c.model.dropout) == (lr, dropout)
+    assert c.data.tokenization == cell.name.split("_")[0]
+    assert (c.data.corpus, c.data.context_length) == ("pydoc_topics", 3)
+    assert c.data.max_chars > 0 and c.generate.include_training_contexts
+    assert (c.train.epochs, c.train.batch_size, c.study.seeds) == (100, 32, 256)
+  assert config.study.claims == ""
