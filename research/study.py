@@ -72,6 +72,11 @@ def group_cells(cells: list[config_lib.Cell]) -> list[Group]:
   return [Group.build(group) for group in groups.values()]
 
 
+def corpora(cells: list[config_lib.Cell]) -> dict:
+  """Cell name -> the text it trains on: name, characters, sha256 (config.json records it)."""
+  return {c.name: data_lib.corpus_info(c.config.data).as_dict() for c in cells}
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Seeds per compiled call, chosen so a group's programs stay under the memory budget."""
@@ -299,7 +304,7 @@ def run_study(config, directory: str, overwrite: bool = False) -> list[results.R
   start = time.time()
   cells = config_lib.expand_cells(config)
   groups = group_cells(cells)  # Datasets and prompts now: bad data fails before any training.
-  with workdir.open_for_study(directory, config, overwrite):
+  with workdir.open_for_study(directory, config, overwrite, corpora(cells)):
     return _run(config, cells, groups, directory, start)
 
 
@@ -332,7 +337,7 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
   start = time.time()
   cells = config_lib.expand_cells(config)
   groups = group_cells(cells)
-  with workdir.open_for_reevaluation(directory, config):
+  with workdir.open_for_reevaluation(directory, config, corpora(cells)):
     budget = (config.study.memory_budget_mb << 20) or programs.default_budget()
     for group in groups:
       eval_seeds = plan(group, config.study.seeds, budget).eval_seeds

@@ -167,7 +167,7 @@ class Workdir:
     self.close()
 
 
-def open_for_study(directory: str, config, overwrite: bool) -> Workdir:
+def open_for_study(directory: str, config, overwrite: bool, corpora: dict | None = None) -> Workdir:
   """Checks, locks and prepares the workdir; refuses another config's results unless overwrite.
 
   Nothing is created before the checks pass; --overwrite deletes only the manifest's files.
@@ -181,14 +181,14 @@ def open_for_study(directory: str, config, overwrite: bool) -> Workdir:
     raise WorkdirError(f"--workdir {directory!r} is not writable: {e.strerror or e}") from None
   lock = _acquire_lock(directory)
   try:
-    _prepare(directory, config, overwrite)
+    _prepare(directory, config, overwrite, corpora or {})
   except BaseException:
     os.unlink(lock)
     raise
   return Workdir(directory, lock)
 
 
-def open_for_reevaluation(directory: str, config) -> Workdir:
+def open_for_reevaluation(directory: str, config, corpora: dict | None = None) -> Workdir:
   """Locks a finished workdir whose models the config can re-decode (same training config)."""
   config_path = os.path.join(directory, CONFIG)
   if not os.path.exists(os.path.join(directory, MANIFEST)) or not os.path.exists(config_path):
@@ -202,14 +202,14 @@ def open_for_reevaluation(directory: str, config) -> Workdir:
     )
   lock = _acquire_lock(directory)
   try:
-    _write_config(directory, config)
+    _write_config(directory, config, corpora or {})
   except BaseException:
     os.unlink(lock)
     raise
   return Workdir(directory, lock)
 
 
-def _prepare(directory: str, config, overwrite: bool) -> None:
+def _prepare(directory: str, config, overwrite: bool, corpora: dict) -> None:
   config_path = os.path.join(directory, CONFIG)
   new = config_lib.fingerprint(config)
   if os.path.exists(config_path) and not overwrite:
@@ -225,10 +225,10 @@ def _prepare(directory: str, config, overwrite: bool) -> None:
   if overwrite:
     _delete_written(directory)
   os.makedirs(os.path.join(directory, CELLS_DIR), exist_ok=True)
-  _write_config(directory, config)
+  _write_config(directory, config, corpora)
 
 
-def _write_config(directory: str, config) -> None:
+def _write_config(directory: str, config, corpora: dict) -> None:
   _write(
     directory,
     CONFIG,
@@ -240,6 +240,7 @@ def _write_config(directory: str, config) -> None:
       devices=device_summary(),
       xla_flags=os.environ.get("XLA_FLAGS", ""),
       x64=bool(jax.config.jax_enable_x64),
+      corpora=corpora,  # Cell name -> name, characters, sha256 (and Python version) of its text.
     ),
   )
 

@@ -23,6 +23,9 @@ def test_blog_study_outputs(blog_workdir):
     assert os.path.exists(tmp_path / name), name
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["config"]["study"]["seeds"] == 4
+  corpus = saved["corpora"][rows[0].cell]
+  assert corpus["name"] == "blog_repetitive" and corpus["chars"] == 39
+  assert len(corpus["sha256"]) == 64
   per_seed = load_per_seed(tmp_path)
   name = rows[1].cell
   assert per_seed[f"{name}/loss_curve"].shape == (4, 3)
