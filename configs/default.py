@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.study.save_models = True  # Keep every trained state (orbax, models/<cell>/).
   config.study.checkpoint_seconds = 60.0  # Mid-cell train-state checkpoint interval; 0 = always.
   config.study.epochs_per_call = 10  # Epochs per jitted call, so progress shows while training.
+  config.study.eval_every = 0  # Dynamics every k epochs and at 0 (0: k = epochs / 5).
   config.study.decodings = []  # Named generate overrides, each decoding the same trained seeds.
   config.study.claims = ""  # Claims the report checks: "" (none) or "blog" (research/claims.py).
   return config

@@ -1,12 +1,15 @@
-"""Per-seed evaluation of a trained state: training-set metrics and each decoding's metrics.
+"""Per-seed evaluation of a state: training-set metrics, each decoding's metrics, dynamics.
 
-Pure and per seed, like training: make_evaluate(...) -> evaluate(state); the study vmaps it.
+Pure and per seed, like training: make_evaluate(...) -> Evaluators(final, dynamics), functions
+of one TrainState; the study vmaps them. `final` runs once after training; `dynamics`, a cheaper
+subset (greedy only), at every evaluation point during training.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import struct
 
@@ -27,6 +30,7 @@ class EvalMetrics:
   accuracy: jax.Array
   entropy: jax.Array
   argmax_constant: jax.Array
+  unigram_kl: jax.Array  # Mean KL(model || corpus unigram) over distinct training contexts.
   probe: jax.Array  # Argmax next token right after the first prompt (the blog's "the").
   diverged: jax.Array
 
@@ -44,6 +48,11 @@ class DecodeMetrics:
   seq_rep_4: jax.Array
   top_token_share: jax.Array
   probe_continuation_L: jax.Array
+  # The attractor census (metrics.attractor_census); NaN for sampling decodings.
+  distinct_cycles: jax.Array
+  largest_basin_share: jax.Array
+  largest_is_fixed_point: jax.Array
+  unresolved_share: jax.Array
 
 
 @struct.dataclass
@@ -52,6 +61,25 @@ class Evaluation:
 
   train: EvalMetrics
   decodings: dict
+
+
+@struct.dataclass
+class Dynamics:
+  """What is measured at each evaluation point during training (greedy decoding)."""
+
+  collapsed: jax.Array  # The headline definition, on the final evaluation's prompts.
+  argmax_constant: jax.Array
+  loss: jax.Array  # Training-set loss without dropout.
+  unigram_kl: jax.Array
+  top_token_share: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluators:
+  """Per-seed functions of a TrainState."""
+
+  final: callable  # -> Evaluation
+  dynamics: callable  # -> Dynamics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +111,16 @@ def choose_prompts(config, dataset: data_lib.Dataset) -> Prompts:
   return Prompts(ids=ids, contexts=len(dataset.distinct_contexts_CxT), contexts_used=len(chosen))
 
 
-def decode_metrics(x_PxL, vocab_size: int) -> DecodeMetrics:
-  """Collapse and diversity of one seed's continuations (prompts x generated tokens)."""
+def decode_metrics(x_PxL, vocab_size: int, greedy: bool, context_length: int) -> DecodeMetrics:
+  """Collapse, diversity and (greedy only) attractors of one seed's continuations."""
+  if greedy:
+    census = metrics.attractor_census(x_PxL, context_length)
+    cycles = census.distinct_cycles.astype(jnp.float32)
+    basin = census.largest_basin_share.astype(jnp.float32)
+    fixed = census.largest_is_fixed_point.astype(jnp.float32)
+    unresolved = census.unresolved_share.astype(jnp.float32)
+  else:  # Sampling is no deterministic map on windows: there is no attractor to name.
+    cycles = basin = fixed = unresolved = jnp.float32(jnp.nan)
   return DecodeMetrics(
     seed_collapsed=metrics.seed_collapsed(x_PxL),
     collapsed_fraction=jnp.mean(metrics.collapsed(x_PxL)),
@@ -95,68 +131,58 @@ def decode_metrics(x_PxL, vocab_size: int) -> DecodeMetrics:
     seq_rep_4=metrics.seq_rep_n(x_PxL, 4),
     top_token_share=metrics.top_token_share(x_PxL, vocab_size),
     probe_continuation_L=x_PxL[0],
+    distinct_cycles=cycles,
+    largest_basin_share=basin,
+    largest_is_fixed_point=fixed,
+    unresolved_share=unresolved,
   )
 
 
-@struct.dataclass
-class _WindowSums:
-  """Running sums of the training-set metrics over chunks of windows."""
+def _map_rows(fn, rows_NxT, chunk: int):
+  """fn(rows_BxT) -> per-row outputs, over chunks of `chunk` rows when there are more.
 
-  loss: jax.Array
-  correct: jax.Array
-  entropy: jax.Array
-  first_pred: jax.Array
-  constant: jax.Array
+  Memory then does not grow with the corpus: fn's intermediates (logits chunk x V) are one
+  chunk's at a time. The last chunk is padded with row 0; its padding is cut off.
+  """
+  num = rows_NxT.shape[0]
+  if num <= chunk:
+    return fn(rows_NxT)
+  steps = -(-num // chunk)
+  padded = jnp.concatenate([rows_NxT, jnp.zeros_like(rows_NxT[: steps * chunk - num])])
+  out = jax.lax.map(fn, padded.reshape(steps, chunk, *rows_NxT.shape[1:]))
+  return jax.tree_util.tree_map(lambda x: x.reshape(steps * chunk, *x.shape[2:])[:num], out)
 
 
 def _window_metrics(apply, inputs_NxT, targets, chunk: int):
-  """(final_loss, accuracy, entropy, argmax_constant) over every training window.
-
-  In chunks of `chunk` windows when there are more, so memory does not grow with the corpus
-  (logits are chunk x V at a time); with fewer windows the whole set in one pass.
-  """
+  """(final_loss, accuracy, entropy, argmax_constant) over every training window."""
   num = inputs_NxT.shape[0]
-  if num <= chunk:
+
+  def last(x):
+    return x if x.ndim == 2 else x[:, -1]  # "all" mode: the prediction at the last position.
+
+  if num <= chunk:  # One pass: the computation the blog study's numbers come from.
     logits = apply(inputs_NxT)
-    logits_NxV = logits if logits.ndim == 2 else logits[:, -1]  # "all": the last position.
-    targets_N = targets if targets.ndim == 1 else targets[:, -1]
+    logits_NxV, targets_N = last(logits), targets if targets.ndim == 1 else targets[:, -1]
     return (
       train_lib.cross_entropy(logits, targets, jnp.ones(num)),
       jnp.mean(jnp.argmax(logits_NxV, -1) == targets_N),
       metrics.mean_entropy(logits_NxV),
       metrics.argmax_constant(logits_NxV),
     )
-  steps = -(-num // chunk)
-  pad = steps * chunk - num
-  inputs = jnp.pad(inputs_NxT, ((0, pad), (0, 0))).reshape(steps, chunk, -1)
-  targets = jnp.pad(targets, ((0, pad),) + ((0, 0),) * (targets.ndim - 1))
-  targets = targets.reshape(steps, chunk, *targets.shape[1:])
-  valid = (jnp.arange(steps * chunk) < num).reshape(steps, chunk)
+  index_N = jnp.arange(num)
 
-  def step(sums: _WindowSums, xs):
-    inputs_BxT, targets_B, valid_B = xs
-    logits = apply(inputs_BxT)
-    logits_BxV = logits if logits.ndim == 2 else logits[:, -1]
-    last_B = targets_B if targets_B.ndim == 1 else targets_B[:, -1]
-    weights_B = valid_B.astype(logits.dtype)
+  def rows(index_B):
+    logits, targets_B = apply(inputs_NxT[index_B]), targets[index_B]
     is_label = targets_B[..., None] == jnp.arange(logits.shape[-1])
     ce = jax.nn.logsumexp(logits, -1) - jnp.sum(jnp.where(is_label, logits, 0.0), -1)
-    ce_B = ce if ce.ndim == 1 else ce.mean(-1)
-    logp_BxV = jax.nn.log_softmax(logits_BxV, -1)
-    pred_B = jnp.argmax(logits_BxV, -1)
-    first = jnp.where(sums.first_pred < 0, pred_B[0], sums.first_pred)
-    return _WindowSums(
-      loss=sums.loss + jnp.sum(ce_B * weights_B),
-      correct=sums.correct + jnp.sum((pred_B == last_B) * weights_B),
-      entropy=sums.entropy + jnp.sum(-jnp.sum(jnp.exp(logp_BxV) * logp_BxV, -1) * weights_B),
-      first_pred=first,
-      constant=sums.constant & jnp.all((pred_B == first) | ~valid_B),
-    ), None
+    logp_BxV = jax.nn.log_softmax(last(logits), -1)
+    last_B = targets_B if targets_B.ndim == 1 else targets_B[:, -1]
+    pred_B = jnp.argmax(logp_BxV, -1)
+    entropy_B = -jnp.sum(jnp.exp(logp_BxV) * logp_BxV, -1)
+    return (ce if ce.ndim == 1 else ce.mean(-1)), pred_B == last_B, entropy_B, pred_B
 
-  zero = jnp.zeros((), jnp.zeros(()).dtype)
-  start = _WindowSums(zero, zero, zero, jnp.asarray(-1), jnp.asarray(True))
-  sums, _ = jax.lax.scan(step, start, (inputs, targets, valid))
-  return sums.loss / num, sums.correct / num, sums.entropy / num, sums.constant
+  ce_N, correct_N, entropy_N, pred_N = _map_rows(rows, index_N, chunk)
+  return ce_N.mean(), correct_N.mean(), entropy_N.mean(), jnp.all(pred_N == pred_N[0])
 
 
 def make_evaluate(
@@ -164,30 +190,44 @@ def make_evaluate(
   dataset: data_lib.Dataset,
   decodings: tuple[config_lib.Decoding, ...],
   window_chunk: int = WINDOW_CHUNK,
-):
-  """evaluate(state) -> Evaluation, for one trained seed; windows in chunks of window_chunk."""
+) -> Evaluators:
+  """The per-seed evaluations of one cell's config; windows in chunks of window_chunk."""
   model = model_lib.model_from_config(config.model, dataset.vocab_size)
   inputs_NxT, targets = train_lib.split_window(jnp.asarray(dataset.windows_NxW), config.model.mode)
+  contexts_CxT = jnp.asarray(dataset.distinct_contexts_CxT)
+  next_N = dataset.windows_NxW[:, -1]
+  unigram_V = metrics.unigram_distribution(jnp.asarray(next_N), dataset.vocab_size)
   prompts_PxT, lengths_P = generate_lib.prepare_prompts(
     choose_prompts(config, dataset).ids, dataset.context_length
   )
-  generators = [(d.name, generate_lib.make_generate(model, d.generate)) for d in decodings]
-  vocab_size = dataset.vocab_size
+  generators = [(d, generate_lib.make_generate(model, d.generate)) for d in decodings]
+  greedy_cfg = ml_collections.ConfigDict(dict(config.generate.to_dict(), strategy="greedy"))
+  greedy = generate_lib.make_generate(model, greedy_cfg)
+  vocab_size, context = dataset.vocab_size, dataset.context_length
 
-  def evaluate(state: train_lib.TrainState) -> Evaluation:
-    def apply(inputs_BxT):
-      return model.apply({"params": state.params}, inputs_BxT)
+  def apply_fn(state):
+    return lambda inputs_BxT: model.apply({"params": state.params}, inputs_BxT)
 
+  def unigram_kl(state):
+    def kl_rows(contexts_BxT):
+      logits = model.apply({"params": state.params}, contexts_BxT)
+      logits_BxV = logits if logits.ndim == 2 else logits[:, -1]
+      return jax.vmap(lambda row_V: metrics.unigram_kl(row_V[None], unigram_V))(logits_BxV)
+
+    return jnp.mean(_map_rows(kl_rows, contexts_CxT, window_chunk))
+
+  def final(state: train_lib.TrainState) -> Evaluation:
     final_loss, accuracy, entropy, constant = _window_metrics(
-      apply, inputs_NxT, targets, window_chunk
+      apply_fn(state), inputs_NxT, targets, window_chunk
     )
     decoded = {}
-    for index, (name, generate) in enumerate(generators):
+    for index, (decoding, generate) in enumerate(generators):
       key = jax.random.fold_in(jax.random.fold_in(state.key, 2), index)
       gen = generate(state.params, prompts_PxT, lengths_P, key)
       if index == 0:  # The probe's next-token logits are the same under every decoding.
         probe = jnp.argmax(gen.first_logits_PxV[0])
-      decoded[name] = decode_metrics(gen.tokens_PxL, vocab_size)
+      is_greedy = decoding.generate.strategy == "greedy"
+      decoded[decoding.name] = decode_metrics(gen.tokens_PxL, vocab_size, is_greedy, context)
     # LSTM gates saturate, so even absurd step sizes rarely overflow: a loss far above the
     # untrained log(V) counts as diverged too.
     exploded = ~(final_loss <= config.train.divergence_factor * jnp.log(vocab_size))
@@ -196,9 +236,21 @@ def make_evaluate(
       accuracy=accuracy,
       entropy=entropy,
       argmax_constant=constant,
+      unigram_kl=unigram_kl(state),
       probe=probe,
       diverged=state.diverged | exploded,
     )
     return Evaluation(train=evals, decodings=decoded)
 
-  return evaluate
+  def dynamics(state: train_lib.TrainState) -> Dynamics:
+    loss, _, _, constant = _window_metrics(apply_fn(state), inputs_NxT, targets, window_chunk)
+    x_PxL = greedy(state.params, prompts_PxT, lengths_P, state.key).tokens_PxL
+    return Dynamics(
+      collapsed=metrics.seed_collapsed(x_PxL),
+      argmax_constant=constant,
+      loss=loss,
+      unigram_kl=unigram_kl(state),
+      top_token_share=metrics.top_token_share(x_PxL, vocab_size),
+    )
+
+  return Evaluators(final=final, dynamics=dynamics)

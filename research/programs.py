@@ -77,6 +77,7 @@ class Programs:
   trainer: train_lib.Trainer
   init: callable  # (seeds_S uint32, learning_rates_S, dropouts_S) -> TrainState
   evaluate: callable  # TrainState -> evaluate.Evaluation
+  dynamics: callable  # TrainState -> evaluate.Dynamics (at evaluation points in training)
   footprint: Footprint
   _run_epochs: dict = dataclasses.field(default_factory=dict)
 
@@ -110,10 +111,11 @@ def build(
     if jax.numpy.issubdtype(x.dtype, jax.numpy.number)
   )
   fp = footprint(config, dataset, state_bytes, prompts)
-  evaluate = evaluate_lib.make_evaluate(config, dataset, decodings, fp.window_chunk)
+  evaluators = evaluate_lib.make_evaluate(config, dataset, decodings, fp.window_chunk)
   return Programs(
     trainer=trainer,
     init=jax.jit(jax.vmap(init_one)),
-    evaluate=jax.jit(jax.vmap(evaluate)),
+    evaluate=jax.jit(jax.vmap(evaluators.final)),
+    dynamics=jax.jit(jax.vmap(evaluators.dynamics)),
     footprint=fp,
   )

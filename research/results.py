@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from research import stats
+from research import metrics, stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,11 @@ class CellMeta:
   prompts: int  # Prompts continued: config.generate.prompts + the chosen training contexts.
   contexts: int  # Distinct training contexts in the corpus...
   contexts_used: int  # ...of which continued (generate.max_prompts caps them).
-  seconds: float
+  mode_token: int  # The corpus' most frequent next token (argmax of the unigram prior).
+  eval_epochs: list  # Epochs of the evaluation points (the curve_* arrays' second axis).
+  seconds: float  # In all: training, evaluation, saving.
+  train_seconds: float  # In compiled training calls (the first one compiles).
+  eval_seconds: float  # Evaluating: during training and at the end.
   fingerprint: str  # config_lib.cell_fingerprint of the config that made it.
 
 
@@ -85,6 +89,23 @@ class Row:
   probe_top_share: float
   probe_distribution: dict  # Token -> share of seeds whose probe it is.
   collapse_tokens: dict  # Token -> share of collapsed seeds collapsing onto it.
+  collapse_token_is_mode: float  # Share of collapsed seeds collapsing onto the corpus' mode.
+  unigram_kl_mean: float  # Final KL(model || unigram prior), nats; 0 = predicts the prior.
+  # Collapse over training (greedy, at the evaluation points; research/metrics.py):
+  never_collapsed_share: float
+  escaped_share: float  # Collapsed at some evaluation point, not at the last.
+  collapsed_at_end_share: float
+  onset_median: float  # Epoch of first collapse, over the seeds that ever collapsed.
+  onset_q25: float
+  onset_q75: float
+  escape_median: float  # Epoch of escape, over the seeds that escaped.
+  escape_q25: float
+  escape_q75: float
+  # The attractor census (greedy decodings; NaN for sampling ones):
+  cycles_mean: float  # Distinct cycles reached over the prompts.
+  largest_basin_median: float  # Share of prompts on the most common cycle.
+  fixed_point_share: float  # Seeds whose most common cycle is one token repeated.
+  unresolved_mean: float  # Share of prompts whose continuation never repeats a window.
   seconds: float  # Training and evaluation time of the cell.
 
 
@@ -101,6 +122,93 @@ def _interval(prefix: str, successes, trials) -> dict:
 def _mean(values, ok) -> float:
   values = np.asarray(values, np.float64)[ok]
   return float(values.mean()) if values.size else math.nan
+
+
+def _median(values, ok) -> float:
+  values = np.asarray(values, np.float64)[ok]
+  return float(np.median(values)) if values.size else math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """Two decodings of the same trained seeds of one cell, compared seed by seed."""
+
+  cell: str
+  a: str
+  b: str
+  seeds: int  # Non-diverged seeds compared.
+  a_collapse_rate: float
+  b_collapse_rate: float
+  a_only: int  # Seeds collapsed under a, not b (McNemar's discordant pairs)...
+  b_only: int  # ...and under b, not a.
+  mcnemar_p: float  # Exact two-sided McNemar test of equal collapse rates.
+  a_lower_seq_rep: float  # P(a's seq-rep-4 < b's) over seeds, ties half, with a
+  a_lower_seq_rep_low: float  # 95% bootstrap interval.
+  a_lower_seq_rep_high: float
+
+
+def pairs(meta: CellMeta, arrays: SeedArrays) -> list[Pair]:
+  """Every pair of the cell's decodings (in config order), on its non-diverged seeds."""
+  ok = ~arrays.train["diverged"].astype(bool)
+  out = []
+  for i, a in enumerate(meta.decodings):
+    for b in meta.decodings[i + 1 :]:
+      ca = arrays.decodings[a]["seed_collapsed"].astype(bool)[ok]
+      cb = arrays.decodings[b]["seed_collapsed"].astype(bool)[ok]
+      sa = arrays.decodings[a]["seq_rep_4"][ok]
+      sb = arrays.decodings[b]["seq_rep_4"][ok]
+      better = stats.probability_of_improvement(sa, sb)
+      out.append(
+        Pair(
+          cell=meta.name,
+          a=a,
+          b=b,
+          seeds=int(ok.sum()),
+          a_collapse_rate=float(ca.mean()) if ca.size else math.nan,
+          b_collapse_rate=float(cb.mean()) if cb.size else math.nan,
+          a_only=int((ca & ~cb).sum()),
+          b_only=int((~ca & cb).sum()),
+          mcnemar_p=stats.mcnemar_exact(ca, cb),
+          a_lower_seq_rep=better.estimate,
+          a_lower_seq_rep_low=better.low,
+          a_lower_seq_rep_high=better.high,
+        )
+      )
+  return out
+
+
+def _quartiles(values) -> tuple[float, float, float]:
+  values = np.asarray(values, np.float64)
+  if not values.size:
+    return math.nan, math.nan, math.nan
+  q25, q50, q75 = np.percentile(values, [25, 50, 75])
+  return float(q50), float(q25), float(q75)
+
+
+def _share(mask, ok) -> float:
+  return float(mask[ok].mean()) if ok.any() else math.nan
+
+
+def dynamics_fields(meta: CellMeta, a: dict, ok: np.ndarray) -> dict:
+  """Onset, escape and collapse classes from the curve_collapsed evaluation points."""
+  curve_SxQ = a["curve_collapsed"].astype(bool)
+  epochs_Q = np.asarray(meta.eval_epochs)
+  classes = np.asarray(metrics.collapse_class(curve_SxQ))
+  onset = np.asarray(metrics.onset_epoch(curve_SxQ, epochs_Q))
+  escape = np.asarray(metrics.escape_epoch(curve_SxQ, epochs_Q))
+  onset_m, onset_lo, onset_hi = _quartiles(onset[ok & (onset >= 0)])
+  escape_m, escape_lo, escape_hi = _quartiles(escape[ok & (escape >= 0)])
+  return dict(
+    never_collapsed_share=_share(classes == metrics.NEVER_COLLAPSED, ok),
+    escaped_share=_share(classes == metrics.ESCAPED, ok),
+    collapsed_at_end_share=_share(classes == metrics.COLLAPSED_AT_END, ok),
+    onset_median=onset_m,
+    onset_q25=onset_lo,
+    onset_q75=onset_hi,
+    escape_median=escape_m,
+    escape_q25=escape_lo,
+    escape_q75=escape_hi,
+  )
 
 
 def summarize(meta: CellMeta, arrays: SeedArrays, decoding: str) -> Row:
@@ -147,6 +255,13 @@ def summarize(meta: CellMeta, arrays: SeedArrays, decoding: str) -> Row:
     probe_top_share=next(iter(probe.values()), math.nan),
     probe_distribution=probe,
     collapse_tokens=_distribution(a["collapse_token"][collapsed], vocab),
+    collapse_token_is_mode=_share(a["collapse_token"] == meta.mode_token, collapsed),
+    unigram_kl_mean=_mean(a["unigram_kl"], ok),
+    **dynamics_fields(meta, a, ok),
+    cycles_mean=_mean(a["distinct_cycles"], ok),
+    largest_basin_median=_median(a["largest_basin_share"], ok),
+    fixed_point_share=_mean(a["largest_is_fixed_point"], ok),
+    unresolved_mean=_mean(a["unresolved_share"], ok),
     seconds=meta.seconds,
   )
 
@@ -156,13 +271,14 @@ def ok_seeds(arrays: dict) -> np.ndarray:
   return ~arrays["diverged"].astype(bool)
 
 
-def to_jsonable(row: Row) -> dict:
-  """A row as strict JSON values: NaN (no valid seed) becomes None."""
-  return {k: _strict(v) for k, v in dataclasses.asdict(row).items()}
+def to_jsonable(record) -> dict:
+  """A Row or Pair as strict JSON values: NaN (no valid seed) becomes None."""
+  return {k: _strict(v) for k, v in dataclasses.asdict(record).items()}
 
 
-def from_jsonable(d: dict) -> Row:
-  return Row(**{k: (math.nan if v is None else v) for k, v in d.items()})
+def from_jsonable(d: dict, kind=None):
+  """A Row (or `kind`) from to_jsonable's output: None becomes NaN again."""
+  return (kind or Row)(**{k: (math.nan if v is None else v) for k, v in d.items()})
 
 
 def _strict(value):

@@ -105,8 +105,9 @@ def plan(group: Group, total_rows: int, budget: int) -> Plan:
   return Plan(budget=budget, train_seeds=train, eval_seeds=evaluate)
 
 
-def _cell_meta(cell: config_lib.Cell, dataset: data_lib.Dataset, seconds: float):
+def _cell_meta(cell: config_lib.Cell, dataset: data_lib.Dataset, timing, epochs_Q: list):
   prompts = evaluate_lib.choose_prompts(cell.config, dataset)
+  next_N = dataset.windows_NxW[:, -1]
   return results.CellMeta(
     name=cell.name,
     scenario=cell.scenario,
@@ -120,9 +121,25 @@ def _cell_meta(cell: config_lib.Cell, dataset: data_lib.Dataset, seconds: float)
     prompts=len(prompts.ids),
     contexts=prompts.contexts,
     contexts_used=prompts.contexts_used,
-    seconds=seconds,
+    mode_token=int(np.bincount(next_N[next_N > 0], minlength=2).argmax()),
+    eval_epochs=list(epochs_Q),
+    seconds=timing.total,
+    train_seconds=timing.train,
+    eval_seconds=timing.evaluate,
     fingerprint=config_lib.cell_fingerprint(cell),
   )
+
+
+@dataclasses.dataclass
+class _Timing:
+  """Seconds a cell took: in all, training calls, evaluation (final and dynamics)."""
+
+  total: float = 0.0
+  train: float = 0.0
+  evaluate: float = 0.0
+
+  def __add__(self, other: "_Timing") -> "_Timing":
+    return _Timing(*(a + b for a, b in zip(vars(self).values(), vars(other).values(), strict=True)))
 
 
 class _CellBuffer:
@@ -132,16 +149,18 @@ class _CellBuffer:
     self.remaining = seeds
     self.train = collections.defaultdict(list)
     self.decodings = collections.defaultdict(lambda: collections.defaultdict(list))
-    self.seconds = 0.0
+    self.timing = _Timing()
 
-  def add(self, mine: np.ndarray, loss_SxE, evaluation, seconds: float) -> None:
-    self.train["loss_curve"].append(loss_SxE[mine])
+  def add(self, mine: np.ndarray, trained, evaluation, timing: _Timing) -> None:
+    self.train["loss_curve"].append(trained.loss_SxE[mine])
+    for field, value in trained.curves.items():
+      self.train[field].append(value[mine])
     for field, value in vars(evaluation.train).items():
       self.train[field].append(np.asarray(value)[mine])
     for name, decoded in evaluation.decodings.items():
       for field, value in vars(decoded).items():
         self.decodings[name][field].append(np.asarray(value)[mine])
-    self.seconds += seconds
+    self.timing += timing
     self.remaining -= int(mine.sum())
 
   def arrays(self) -> results.SeedArrays:
@@ -158,22 +177,89 @@ def _signature(*parts) -> str:
   return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def _evaluate(group: Group, state, rows: int, eval_seeds: int):
-  """Evaluates the first `rows` rows of a trained chunk, eval_seeds rows per call, to host.
+def _in_parts(program, state, rows: int, eval_seeds: int):
+  """program(state) on the first `rows` rows, eval_seeds rows per call, brought to host.
 
   Every call has the same shape (the last one repeats a row), so one compiled program serves.
   """
   size = jax.tree_util.tree_leaves(state)[0].shape[0]
   if eval_seeds >= size:
-    parts = [_to_host(group.programs.evaluate(state))]
+    parts = [_to_host(program(state))]
   else:
     parts = []
     for a in range(0, rows, eval_seeds):
       index = np.minimum(np.arange(a, a + eval_seeds), size - 1)
       part = jax.tree_util.tree_map(lambda x, index=index: x[index], state)
-      parts.append(_to_host(group.programs.evaluate(part)))
+      parts.append(_to_host(program(part)))
   joined = jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
   return jax.tree_util.tree_map(lambda x: x[:rows], joined)
+
+
+def eval_epochs(config) -> list[int]:
+  """Evaluation points: epochs 0, k, 2k, ..., E with k = study.eval_every.
+
+  eval_every 0 picks k = E / 5 (rounded): about five intervals. Results never depend on
+  study.epochs_per_call; a k that is a multiple of it adds no compiled program.
+  """
+  epochs = config.train.epochs
+  every = config.study.eval_every or max(1, round(epochs / 5))
+  return sorted(set(range(0, epochs, every)) | {epochs})
+
+
+@dataclasses.dataclass
+class _Trained:
+  """One chunk after training: the state, its losses and its curves (host arrays)."""
+
+  state: object
+  loss_SxE: np.ndarray
+  curves: dict  # "curve_<evaluate.Dynamics field>" -> rows x evaluation points.
+  train_seconds: float
+  eval_seconds: float
+
+
+def _stacked(points: dict) -> dict:
+  """{field: [rows] per evaluation point} -> {field: rows x points}."""
+  return {k: np.stack(v, axis=1) for k, v in points.items()}
+
+
+def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, progress):
+  """Runs a chunk's epochs in compiled calls, evaluating the dynamics at evaluation points.
+
+  resume: (state, loss_SxE, curves) of a checkpoint of this very chunk, or None.
+  save(epoch, state, loss_SxE, curves) writes a checkpoint; it is called between calls,
+  every study.checkpoint_seconds.
+  """
+  config = group.config
+  epochs, per_call = config.train.epochs, config.study.epochs_per_call
+  points = eval_epochs(config)
+  bounds = sorted(set(range(0, epochs, per_call)) | set(points) | {epochs})
+  t0 = last_save = time.time()
+  losses, epoch, train_s, eval_s = [], 0, 0.0, 0.0
+  curves = {f.name: [] for f in dataclasses.fields(evaluate_lib.Dynamics)}
+  if resume is not None:
+    state, loss_SxE, saved = resume
+    losses, epoch = [loss_SxE], loss_SxE.shape[1]
+    curves = {k: list(v.T) for k, v in saved.items()}
+  for bound in bounds:
+    if bound > epoch:
+      t = time.time()
+      state, loss_SxE = group.programs.run_epochs(state, bound - epoch)
+      jax.block_until_ready(loss_SxE)
+      losses.append(np.asarray(_to_host(loss_SxE))[:rows])
+      train_s, epoch = train_s + time.time() - t, bound
+      progress.epochs(rows, epoch, epochs, t0)
+    if epoch == bound and bound in points[len(curves["loss"]) :]:
+      t = time.time()
+      dynamics = _in_parts(group.programs.dynamics, state, rows, eval_seeds)
+      for k, v in vars(dynamics).items():
+        curves[k].append(v)
+      eval_s += time.time() - t
+    if 0 < epoch < epochs and time.time() - last_save >= config.study.checkpoint_seconds:
+      losses = [np.concatenate(losses, axis=1)]
+      save(epoch, state, losses[0], _stacked(curves))
+      last_save = time.time()
+  curves = {f"curve_{k}": v for k, v in _stacked(curves).items()}
+  return _Trained(state, np.concatenate(losses, axis=1), curves, train_s, eval_s)
 
 
 def _run_group(group: Group, done: set, directory: str, budget: int, progress) -> None:
@@ -192,59 +278,52 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
   dropout_of = np.asarray([c.config.model.dropout for c in cells], float_dtype)[cell_of]
   total = len(cell_of)
   the_plan = plan(group, total, budget)
-  group_sig = _signature(
-    config_lib.program_key(cells[0]), [config_lib.cell_fingerprint(c) for c in cells]
-  )
+  fingerprints = [config_lib.cell_fingerprint(c) for c in cells]
+  group_sig = _signature(config_lib.program_key(cells[0]), fingerprints)
   record = workdir.latest_checkpoint(directory, group_sig)
   chunk = the_plan.train_seeds
   if record and record.get("group") == group_sig and record["chunk"] <= chunk:
     chunk = record["chunk"]  # Resume with the chunks the checkpoint was made with.
+  fp = group.programs.footprint
   logging.info(
     "%s: %d cells x %d seeds; memory budget %d MiB -> %d seeds per training call "
-    "(~%.2f MiB each), %d per evaluation call (~%.2f MiB each)",
-    cells[0].name, len(cells), seeds, budget >> 20, chunk,
-    group.programs.footprint.train / 2**20, the_plan.eval_seeds,
-    group.programs.footprint.evaluate / 2**20,
+    "(~%.2f MiB each), %d per evaluation call (~%.2f MiB each); evaluated at epochs %s",
+    cells[0].name, len(cells), seeds, budget >> 20, chunk, fp.train / 2**20,
+    the_plan.eval_seeds, fp.evaluate / 2**20, eval_epochs(config),
   )  # fmt: skip
   for cell in cells:
     if cell.name not in done:
       workdir.remove_models(directory, cell.name)  # Recomputed: no stale chunks of it remain.
   sharding = NamedSharding(_mesh(), P("seeds"))
   buffers = {i: _CellBuffer(seeds) for i, c in enumerate(cells) if c.name not in done}
-  epochs, per_call = config.train.epochs, config.study.epochs_per_call
-  every = config.study.checkpoint_seconds
 
   for start in range(0, total, chunk):
     rows = np.arange(start, min(start + chunk, total))
     if not any(i in buffers for i in np.unique(cell_of[rows])):
       continue
     padded = np.concatenate([rows, np.full(chunk - len(rows), rows[-1])])
-    t0 = last_save = time.time()
+    t0 = time.time()
     sig = _signature(group_sig, chunk, start)
     state = group.programs.init(
       _to_global(seed_of[padded], sharding),
       _to_global(lr_of[padded], sharding),
       _to_global(dropout_of[padded], sharding),
     )
-    losses, epoch = [], 0
+    resume = None
     if record and record["signature"] == sig:
-      state, loss_SxE = workdir.restore_checkpoint(directory, record, state)
-      losses, epoch = [loss_SxE], record["epoch"]
-      logging.info("resuming rows %d-%d from their checkpoint at epoch %d", start, rows[-1], epoch)
-    while epoch < epochs:
-      state, loss_SxE = group.programs.run_epochs(state, min(per_call, epochs - epoch))
-      losses.append(loss_SxE)
-      jax.block_until_ready(loss_SxE)
-      epoch = min(epoch + per_call, epochs)
-      progress.epochs(len(rows), epoch, epochs, t0)
-      if epoch < epochs and time.time() - last_save >= every:
-        loss_SxE = np.concatenate([np.asarray(_to_host(x)) for x in losses], axis=1)
-        checkpoint = workdir.Checkpoint(group_sig, sig, chunk, start, epoch, loss_SxE)
-        workdir.save_checkpoint(directory, group_sig, checkpoint, state)
-        losses, last_save = [loss_SxE], time.time()
-    real = len(rows)  # Rows past it pad the chunk.
-    evaluation = _evaluate(group, state, real, the_plan.eval_seeds)
-    loss_SxE = np.concatenate([np.asarray(_to_host(x)) for x in losses], axis=1)[:real]
+      resume = workdir.restore_checkpoint(directory, record, state, len(rows))
+      logging.info(
+        "resuming rows %d-%d from their checkpoint at epoch %d", start, rows[-1], record["epoch"]
+      )
+
+    def save(epoch, state, loss_SxE, curves, start=start, sig=sig):
+      checkpoint = workdir.Checkpoint(group_sig, sig, chunk, start, epoch, loss_SxE, curves)
+      workdir.save_checkpoint(directory, group_sig, checkpoint, state)
+
+    trained = _train_chunk(group, state, len(rows), resume, save, the_plan.eval_seeds, progress)
+    t = time.time()
+    evaluation = _in_parts(group.programs.evaluate, trained.state, len(rows), the_plan.eval_seeds)
+    eval_seconds = trained.eval_seconds + time.time() - t
     seconds = time.time() - t0
     for i in np.unique(cell_of[rows]):
       if i not in buffers:
@@ -252,11 +331,13 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       mine = cell_of[rows] == i
       if config.study.save_models:
         first, last = np.flatnonzero(mine)[[0, -1]]
-        part = jax.tree_util.tree_map(lambda x, a=first, b=last: x[a : b + 1], state)
+        part = jax.tree_util.tree_map(lambda x, a=first, b=last: x[a : b + 1], trained.state)
         workdir.save_models(directory, cells[i].name, seed_of[rows][mine], part)
-      buffers[i].add(mine, loss_SxE, evaluation, seconds * mine.sum() / len(rows))
+      share = mine.sum() / len(rows)
+      timing = _Timing(seconds * share, trained.train_seconds * share, eval_seconds * share)
+      buffers[i].add(mine, trained, evaluation, timing)
       if buffers[i].remaining == 0:
-        meta = _cell_meta(cells[i], group.dataset, buffers[i].seconds)
+        meta = _cell_meta(cells[i], group.dataset, buffers[i].timing, eval_epochs(config))
         workdir.write_cell(directory, cells[i], meta, buffers.pop(i).arrays())
         progress.cell_done(cells[i].name)
   workdir.clear_checkpoints(directory, group_sig)
@@ -354,13 +435,14 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
         for first, last, path in chunks:
           state = workdir.load_states(group.programs.trainer, first, last, path)
           num = last - first + 1
-          evaluation = _evaluate(group, state, num, eval_seeds)
-          losses = old.train["loss_curve"][done : done + num]
-          buffer.add(np.ones(num, bool), losses, evaluation, 0.0)
+          evaluation = _in_parts(group.programs.evaluate, state, num, eval_seeds)
+          kept = {k: v[done : done + num] for k, v in old.train.items() if k.startswith("curve_")}
+          trained = _Trained(state, old.train["loss_curve"][done : done + num], kept, 0.0, 0.0)
+          buffer.add(np.ones(num, bool), trained, evaluation, _Timing())
           done += num
-        seconds = old_meta.seconds + time.time() - t0
-        workdir.write_cell(
-          directory, cell, _cell_meta(cell, group.dataset, seconds), buffer.arrays()
-        )
+        t = time.time() - t0
+        timing = _Timing(old_meta.seconds + t, old_meta.train_seconds, old_meta.eval_seconds + t)
+        meta = _cell_meta(cell, group.dataset, timing, old_meta.eval_epochs)
+        workdir.write_cell(directory, cell, meta, buffer.arrays())
         logging.info("re-evaluated %s (%d seeds)", cell.name, done)
     return workdir.write_results(directory, cells, config.study.seeds, time.time() - start)

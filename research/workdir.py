@@ -15,6 +15,7 @@ report.md, *.png         the note
 manifest is not a study workdir and is refused.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -37,6 +38,20 @@ from research import model as model_lib
 from research import train as train_lib
 
 MANIFEST, LOCK = ".collapse-study.json", ".collapse-study.lock"
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Orbax logs a dozen INFO lines per save or restore: keep only its warnings meanwhile."""
+  logger = logging.get_absl_logger()
+  level = logger.level  # Often NOTSET (inherit): restored as it was, not as its effect.
+  logger.setLevel(logging.WARNING)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 CELLS_DIR = "cells"
 SET_ASIDE_DIR = os.path.join(CELLS_DIR, "set-aside")
 MODELS_DIR, CHECKPOINTS_DIR = "models", "checkpoints"
@@ -368,13 +383,15 @@ def _save_state(directory: str, relpath: str, tree) -> None:
   path = os.path.abspath(os.path.join(directory, relpath))
   if os.path.exists(path):
     shutil.rmtree(path)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, tree)
-  checkpointer.wait_until_finished()  # Orbax writes to a temporary folder, then renames it.
+  with _quiet():
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()  # Orbax writes to a temporary folder, then renames it.
 
 
 def _restore_state(path: str, abstract):
-  return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+  with _quiet():
+    return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
 
 
 def save_models(directory: str, cell_name: str, seeds_S: np.ndarray, state_S) -> None:
@@ -452,6 +469,7 @@ class Checkpoint:
   start: int  # First row of the chunk.
   epoch: int  # Epochs done.
   loss_SxE: np.ndarray  # Losses of the epochs done.
+  curves: dict  # evaluate.Dynamics field -> rows x evaluation points done.
 
 
 def _checkpoint_dir(group: str) -> str:
@@ -462,8 +480,10 @@ def save_checkpoint(directory: str, group: str, checkpoint: Checkpoint, state) -
   """Writes the new checkpoint, then drops the older one: one always stays whole."""
   name = f"rows_{checkpoint.start}_epoch_{checkpoint.epoch}"
   relpath = os.path.join(_checkpoint_dir(group), name)
-  _save_state(directory, relpath, dict(state=state.to_saved(), loss_SxE=checkpoint.loss_SxE))
+  tree = dict(state=state.to_saved(), loss_SxE=checkpoint.loss_SxE, curves=checkpoint.curves)
+  _save_state(directory, relpath, tree)
   record = dict(dataclasses.asdict(checkpoint), loss_SxE=None, path=relpath)
+  record["curves"] = {k: [str(v.dtype), v.shape[1]] for k, v in checkpoint.curves.items()}
   _write(directory, os.path.join(_checkpoint_dir(group), "latest.json"), files.write_json, record)
   for old in glob.glob(os.path.join(directory, _checkpoint_dir(group), "rows_*")):
     if os.path.basename(old) != name:
@@ -480,14 +500,20 @@ def latest_checkpoint(directory: str, group: str) -> dict | None:
   return record if os.path.isdir(os.path.join(directory, record.get("path", ""))) else None
 
 
-def restore_checkpoint(directory: str, record: dict, abstract_state):
-  """(state, loss_SxE) of a checkpoint record; abstract_state gives the expected shapes."""
+def restore_checkpoint(directory: str, record: dict, state, rows: int):
+  """(state, loss_SxE, curves) of a checkpoint record; `state` gives the expected shapes."""
   dtype = jax.numpy.zeros(()).dtype
-  rows = jax.tree_util.tree_leaves(abstract_state)[0].shape[0]
-  shape = (rows, record["epoch"])
-  abstract = dict(state=abstract_state, loss_SxE=jax.ShapeDtypeStruct(shape, dtype))
+  abstract = dict(
+    state=jax.eval_shape(lambda s: s.to_saved(), state),
+    loss_SxE=jax.ShapeDtypeStruct((rows, record["epoch"]), dtype),
+    curves={
+      k: jax.ShapeDtypeStruct((rows, points), np.dtype(kind))
+      for k, (kind, points) in record["curves"].items()
+    },
+  )
   tree = _restore_state(os.path.join(directory, record["path"]), abstract)
-  return tree["state"].from_saved(), np.asarray(tree["loss_SxE"])
+  curves = {k: np.asarray(v) for k, v in tree["curves"].items()}
+  return tree["state"].from_saved(), np.asarray(tree["loss_SxE"]), curves
 
 
 def clear_checkpoints(directory: str, group: str) -> None:
@@ -528,13 +554,15 @@ def device_summary() -> dict:
 
 def write_results(directory: str, cells: list[config_lib.Cell], seeds: int, wall_seconds: float):
   """results.json, results.csv and per_seed.npz from every finished cell; returns the rows."""
-  rows, per_seed = [], {}
+  rows, pairs, per_seed = [], [], {}
   for cell in cells:
     meta, arrays = read_cell(directory, cell.name)
     rows += [results.summarize(meta, arrays, d) for d in meta.decodings]
+    pairs += results.pairs(meta, arrays)
     per_seed.update({f"{cell.name}/{key}": value for key, value in _flat(arrays).items()})
   summary = dict(
     rows=[results.to_jsonable(r) for r in rows],
+    pairs=[results.to_jsonable(p) for p in pairs],
     seeds=seeds,
     wall_seconds=wall_seconds,
     devices=device_summary(),
@@ -550,6 +578,7 @@ class Finished:
   """A finished study as the note reads it."""
 
   rows: list  # results.Row, in results.json order.
+  pairs: list  # results.Pair: decodings compared on the same seeds.
   run: dict  # config.json ({} when missing).
   seeds: int
   wall_seconds: float
@@ -580,6 +609,7 @@ def load(directory: str) -> Finished:
     raise WorkdirError(f"cannot read the results in {directory!r}: {e}") from None
   return Finished(
     rows=rows,
+    pairs=[results.from_jsonable(p, results.Pair) for p in saved.get("pairs", [])],
     run=run_info,
     seeds=saved["seeds"],
     wall_seconds=saved["wall_seconds"],

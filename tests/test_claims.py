@@ -17,7 +17,11 @@ BASE = Row(
   final_loss_mean=1.0, final_loss_median=1.0, accuracy_mean=0.5, entropy_mean=1.0,
   distinct_1_mean=0.1, distinct_2_mean=0.1, distinct_2_low=0.09, distinct_2_high=0.11,
   seq_rep_4_mean=0.5, top_token_share_mean=0.5, probe_top="t", probe_top_share=1.0,
-  probe_distribution={"t": 1.0}, collapse_tokens={}, seconds=1.0,
+  probe_distribution={"t": 1.0}, collapse_tokens={}, collapse_token_is_mode=0.0,
+  unigram_kl_mean=1.0, never_collapsed_share=1.0, escaped_share=0.0, collapsed_at_end_share=0.0,
+  onset_median=math.nan, onset_q25=math.nan, onset_q75=math.nan, escape_median=math.nan,
+  escape_q25=math.nan, escape_q75=math.nan, cycles_mean=1.0, largest_basin_median=1.0,
+  fixed_point_share=0.0, unresolved_mean=0.0, seconds=1.0,
 )  # fmt: skip
 
 

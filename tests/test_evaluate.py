@@ -22,7 +22,7 @@ def setup():
   state = trainer.init(jax.random.key(3), train.Hparams(jnp.float32(1e-3), jnp.float32(0.0)))
   # Large weights give peaked, input-dependent predictions, as a trained model has.
   state = state.replace(params=jax.tree_util.tree_map(lambda p: 6.0 * p, state.params))
-  run = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings))
+  run = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings).final)
   return cell, dataset, state, run(state)
 
 
@@ -91,14 +91,14 @@ def test_windows_in_chunks_give_the_one_pass_metrics(mode):
   trainer = train.make_train(cell.config, dataset)
   state = trainer.init(jax.random.key(0), train.Hparams(jnp.float32(1e-3), jnp.float32(0.0)))
   state = state.replace(params=jax.tree_util.tree_map(lambda p: 6.0 * p, state.params))
-  whole = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings))(state)
+  whole = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings).final)(state)
   # 95 windows in chunks of 8: the last chunk is padded and must not count.
-  chunked = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, 8))(state)
+  chunked = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, 8).final)(state)
   for field in ("final_loss", "accuracy", "entropy"):
     np.testing.assert_allclose(
       getattr(chunked.train, field), getattr(whole.train, field), rtol=1e-5, err_msg=field
     )
   assert bool(chunked.train.argmax_constant) == bool(whole.train.argmax_constant)
   constant = state.replace(params=jax.tree_util.tree_map(jnp.zeros_like, state.params))
-  run = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, 8))
+  run = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, 8).final)
   assert bool(run(constant).train.argmax_constant)  # All-zero weights: one prediction.

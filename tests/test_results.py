@@ -29,7 +29,11 @@ def meta(**kw):
     prompts=5,
     contexts=9,
     contexts_used=4,
+    mode_token=2,
+    eval_epochs=[0, 2, 3],
     seconds=1.5,
+    train_seconds=1.0,
+    eval_seconds=0.5,
     fingerprint="0123",
   )
   fields.update(kw)
@@ -45,8 +49,13 @@ def arrays(collapsed, diverged, probe, collapse_token):
       accuracy=np.full(n, 0.5),
       entropy=np.full(n, 1.0),
       argmax_constant=np.asarray(collapsed, bool),
+      unigram_kl=np.full(n, 0.25),
       probe=np.asarray(probe),
       diverged=np.asarray(diverged, bool),
+      # Collapsed at the last evaluation point exactly when collapsed at the end.
+      curve_collapsed=np.stack(
+        [np.zeros(n, bool), np.ones(n, bool), np.asarray(collapsed, bool)], 1
+      ),
     ),
     decodings=dict(
       greedy=dict(
@@ -59,6 +68,10 @@ def arrays(collapsed, diverged, probe, collapse_token):
         seq_rep_4=np.full(n, 0.9),
         top_token_share=np.full(n, 0.8),
         probe_continuation_L=np.ones((n, 8), int),
+        distinct_cycles=np.ones(n),
+        largest_basin_share=np.full(n, 0.5),
+        largest_is_fixed_point=np.asarray(collapsed, float),
+        unresolved_share=np.zeros(n),
       )
     ),
   )
@@ -83,6 +96,14 @@ def test_summarize_counts_non_diverged_seeds_only():
   assert row.distinct_2_low <= row.distinct_2_mean <= row.distinct_2_high
   assert (row.label, row.scenario, row.decoding) == ("s[lr=0.1]", "s", "greedy")
   assert row.axes == {"train.learning_rate": 0.1} and row.learning_rate == 0.1
+  # Mode token 2 (' '): one of the three collapsed seeds collapsed onto it.
+  assert row.collapse_token_is_mode == pytest.approx(1 / 3)
+  assert row.unigram_kl_mean == 0.25 and row.fixed_point_share == 0.75
+  # Every seed collapsed at epoch 2; the one not collapsed at the end escaped at epoch 3.
+  assert (row.never_collapsed_share, row.escaped_share) == (0.0, 0.25)
+  assert row.collapsed_at_end_share == 0.75
+  assert (row.onset_median, row.onset_q25, row.onset_q75) == (2.0, 2.0, 2.0)
+  assert row.escape_median == 3.0
 
 
 def test_all_diverged_row_is_strict_json_with_nulls():
@@ -112,3 +133,18 @@ def test_table_names_rows_by_label_and_flags_trivial_corpora():
   table = results.format_table([results.summarize(trivial, a, "greedy")])
   assert table.splitlines()[2].startswith("one ")
   assert "note: one: one distinct token in the corpus, collapse is trivial" in table
+
+
+def test_pairs_compare_decodings_seed_by_seed():
+  a = arrays(collapsed=[1, 1, 0, 1, 0, 0], diverged=[0] * 6, probe=[1] * 6, collapse_token=[1] * 6)
+  hot = dict(a.decodings["greedy"])
+  hot["seed_collapsed"] = np.asarray([0, 0, 0, 1, 1, 0], bool)
+  hot["seq_rep_4"] = np.full(6, 0.5)  # Below greedy's 0.9 for every seed.
+  two = results.SeedArrays(a.train, dict(greedy=a.decodings["greedy"], hot=hot))
+  (pair,) = results.pairs(meta(decodings=["greedy", "hot"]), two)
+  assert (pair.a, pair.b, pair.seeds) == ("greedy", "hot", 6)
+  assert (pair.a_only, pair.b_only) == (2, 1)
+  assert pair.mcnemar_p == stats.mcnemar_exact(
+    np.asarray([1, 1, 0, 1, 0, 0], bool), hot["seed_collapsed"]
+  )
+  assert pair.a_lower_seq_rep == 0.0 and pair.a_lower_seq_rep_high == 0.0

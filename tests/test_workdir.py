@@ -40,7 +40,11 @@ def fake_meta(cell):
     prompts=3,
     contexts=2,
     contexts_used=2,
+    mode_token=1,
+    eval_epochs=[0, 3],
     seconds=0.5,
+    train_seconds=0.3,
+    eval_seconds=0.1,
     fingerprint=config_lib.cell_fingerprint(cell),
   )
 
