@@ -10,6 +10,8 @@ difference can be real while intervals touch), so verdicts err towards "mixed".
 import dataclasses
 import math
 
+import numpy as np
+
 from research import config_lib, schema, stats
 from research.results import Row
 
@@ -210,3 +212,82 @@ def check_blog(rows: list[Row]) -> list[tuple[str, list[Check]]]:
     (label, [claim_1(s.get(1)), claim_2(s.get(1), s.get(2)), claim_3(s.get(2), s.get(3))])
     for label, s in groups.items()
   ]
+
+
+# ----------------------------------------------------------------------------- dynamics
+
+DYNAMICS_RULES = (
+  "**Escape**: among a cell's seeds that were collapsed at some evaluation point, the share "
+  "that is not collapsed at the last one (95% Wilson interval). *Supported* (they escape) when "
+  "the interval lies above 0.5, *not supported* when below, *mixed* otherwise; *untested* when "
+  "no seed ever collapsed.",
+  "**Unigram stage**: per seed, the mean unigram KL over its collapsed evaluation points and "
+  "over its other points, with 95% bootstrap intervals over seeds; and the share of collapsed "
+  "seeds (at the end) collapsing onto the corpus' most frequent next token. *Supported* when "
+  "the collapsed points' KL lies below the others' and that share's Wilson interval lies above "
+  "0.5; *not supported* when neither holds; *mixed* otherwise; *untested* without both kinds "
+  "of points.",
+)
+ESCAPE = "Seeds that collapse during training escape collapse by the end of training."
+UNIGRAM_STAGE = (
+  "Collapse coincides with the unigram stage: while collapsed, the model predicts the corpus "
+  "unigram prior (low KL) and collapses onto its most frequent token."
+)
+
+
+def _epochs(median, low, high) -> str:
+  if math.isnan(_num(median)):
+    return "–"
+  return f"{median:g} [{low:g}, {high:g}]"
+
+
+def escape(row: Row) -> Check:
+  """Do the cell's collapsed seeds escape by the last evaluation point?"""
+  ok = row.seeds - row.diverged
+  ever = round((row.escaped_share + row.collapsed_at_end_share) * ok) if ok else 0
+  if ever == 0:
+    return _untested(ESCAPE, "no seed was collapsed at any evaluation point")
+  escaped = round(row.escaped_share * ok)
+  ci = stats.wilson(escaped, ever)
+  measured = (
+    f"{escaped} of {ever} ever-collapsed seeds escaped ({_ci(ci.estimate, ci.low, ci.high)}); "
+    f"escape epoch median {_epochs(row.escape_median, row.escape_q25, row.escape_q75)}; "
+    f"onset epoch median {_epochs(row.onset_median, row.onset_q25, row.onset_q75)}"
+  )
+  if ci.low > HALF:
+    return Check(ESCAPE, measured, SUPPORTED, "most collapsed seeds escape")
+  if ci.high < HALF:
+    return Check(ESCAPE, measured, NOT_SUPPORTED, "most collapsed seeds stay collapsed")
+  return Check(ESCAPE, measured, MIXED, "the share that escapes is not clear of 0.5")
+
+
+def unigram_stage(row: Row, arrays: dict) -> Check:
+  """Is the model near the unigram prior when collapsed, and collapsed onto its mode?"""
+  ok = ~arrays["diverged"].astype(bool)
+  collapsed_SxQ = arrays["curve_collapsed"][ok].astype(bool)
+  kl_SxQ = arrays["curve_unigram_kl"][ok].astype(np.float64)
+  if not collapsed_SxQ.any() or collapsed_SxQ.all():
+    return _untested(UNIGRAM_STAGE, "needs both collapsed and not-collapsed evaluation points")
+
+  def mean_where(mask_SxQ):  # Per seed; NaN for a seed without such points.
+    count_S = mask_SxQ.sum(axis=1)
+    return np.where(count_S > 0, (kl_SxQ * mask_SxQ).sum(axis=1) / np.maximum(count_S, 1), np.nan)
+
+  kl_collapsed, kl_other = mean_where(collapsed_SxQ), mean_where(~collapsed_SxQ)
+  c, o = stats.bootstrap_mean(kl_collapsed), stats.bootstrap_mean(kl_other)
+  at_end = (
+    round(_num(row.collapse_rate) * (row.seeds - row.diverged)) if row.collapse_rate >= 0 else 0
+  )
+  onto = row.collapse_token_is_mode if at_end else 0.0
+  mode = stats.wilson(round(onto * at_end), at_end)
+  measured = (
+    f"unigram KL {_ci(c.estimate, c.low, c.high)} nats when collapsed vs "
+    f"{_ci(o.estimate, o.low, o.high)} otherwise; collapse token is the corpus mode in "
+    f"{_ci(mode.estimate, mode.low, mode.high)} of {at_end} collapsed seeds"
+  )
+  closer, onto_mode = below(c.high, o.low), mode.low > HALF
+  if closer and onto_mode:
+    return Check(UNIGRAM_STAGE, measured, SUPPORTED, "closer to the prior, onto its mode")
+  if not closer and not mode.high >= HALF:
+    return Check(UNIGRAM_STAGE, measured, NOT_SUPPORTED, "not closer to the prior, nor its mode")
+  return Check(UNIGRAM_STAGE, measured, MIXED, "one sign of the unigram stage, not both")

@@ -9,11 +9,20 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from research import config_lib, results, workdir
+from research import config_lib, metrics, results, stats, workdir
 from research.results import Row
 
 # Every plot the note can have; a workdir's stale ones are removed when the note is rewritten.
-PLOTS = ("loss_curves", "collapse_vs_lr", "collapse_heatmap", "tail_periods", "top_token_share")
+PLOTS = (
+  "loss_curves",
+  "collapse_over_training",
+  "onset_escape",
+  "unigram_kl",
+  "collapse_vs_lr",
+  "collapse_heatmap",
+  "tail_periods",
+  "top_token_share",
+)
 MAX_PANELS = 12  # More rows than this: tail periods as one image instead of small multiples.
 # Matplotlib 3.10 replaced boxplot's vert=False by orientation="horizontal".
 HORIZONTAL = (
@@ -67,6 +76,89 @@ def plot_loss_curves(rows: list[Row], study: workdir.Finished) -> Figure:
   if lows and min(lows) > 0 and max(highs) / min(lows) > 20:  # Log only when it spans decades.
     ax.set_yscale("log")
   ax.set(xlabel="epoch", ylabel="training loss (nats)", title="Loss: median, 10–90% of seeds")
+  _legend(ax, len(cells))
+  return fig
+
+
+def _cell_rows(rows: list[Row]) -> list[Row]:
+  """One row per cell (its first decoding): curves are the same for every decoding."""
+  return list({r.cell: r for r in reversed(rows)}.values())[::-1]
+
+
+def _epoch_axis(ax) -> None:
+  # Log-scaled epochs, with epoch 0 kept on a linear stretch below 1.
+  ax.set_xscale("symlog", linthresh=1.0)
+  ax.set_xlabel("epoch (log scale above 1)")
+
+
+def plot_collapse_over_training(rows: list[Row], study: workdir.Finished) -> Figure:
+  """Collapse rate at each evaluation point, one line per cell, 95% Wilson bands."""
+  fig = Figure(figsize=(8, 4.5))
+  ax = fig.add_subplot()
+  cells = _cell_rows(rows)
+  for i, row in enumerate(cells):
+    arrays = study.of(row)
+    curve_SxQ = arrays["curve_collapsed"][results.ok_seeds(arrays)].astype(bool)
+    if not curve_SxQ.size:
+      continue
+    epochs_Q = np.asarray(study.cells[row.cell].eval_epochs)
+    cis = [stats.wilson(int(k), curve_SxQ.shape[0]) for k in curve_SxQ.sum(axis=0)]
+    rate = np.asarray([c.estimate for c in cis])
+    ax.plot(epochs_Q, rate, marker="o", markersize=3, label=row.cell, **_style(i))
+    low, high = [c.low for c in cis], [c.high for c in cis]
+    ax.fill_between(epochs_Q, low, high, color=_style(i)["color"], alpha=0.15, linewidth=0)
+  _epoch_axis(ax)
+  ax.set_ylim(-0.03, 1.03)
+  ax.set(ylabel="collapse rate (greedy)", title="Collapse over training (95% Wilson bands)")
+  _legend(ax, len(cells))
+  return fig
+
+
+def plot_onset_escape(rows: list[Row], study: workdir.Finished) -> Figure:
+  """Histograms over seeds of the onset and the escape epochs, one step line per cell."""
+  fig = Figure(figsize=(10, 3.8), layout="constrained")
+  onset_ax, escape_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+  cells = _cell_rows(rows)
+  for i, row in enumerate(cells):
+    arrays = study.of(row)
+    curve_SxQ = arrays["curve_collapsed"][results.ok_seeds(arrays)].astype(bool)
+    epochs_Q = np.asarray(study.cells[row.cell].eval_epochs)
+    edges = np.concatenate([epochs_Q, [epochs_Q[-1] + 1]]) - 0.5
+    for ax, fn in ((onset_ax, metrics.onset_epoch), (escape_ax, metrics.escape_epoch)):
+      values = np.asarray(fn(curve_SxQ, epochs_Q))
+      values = values[values >= 0]
+      if values.size:
+        counts, _ = np.histogram(values, bins=edges)
+        ax.step(epochs_Q, counts / curve_SxQ.shape[0], where="mid", label=row.cell, **_style(i))
+  titles = ((onset_ax, "onset: first collapsed"), (escape_ax, "escape: out of collapse for good"))
+  for ax, what in titles:
+    _epoch_axis(ax)
+    ax.set(ylabel="share of seeds", title=what)
+    ax.title.set_fontsize("small")
+  _legend(escape_ax, len(cells))
+  return fig
+
+
+def plot_unigram_kl(rows: list[Row], study: workdir.Finished) -> Figure:
+  """Median and 10-90% band of the unigram KL at each evaluation point, one line per cell."""
+  fig = Figure(figsize=(8, 4.5))
+  ax = fig.add_subplot()
+  cells = _cell_rows(rows)
+  for i, row in enumerate(cells):
+    arrays = study.of(row)
+    kl_SxQ = arrays["curve_unigram_kl"][results.ok_seeds(arrays)]
+    if not kl_SxQ.size:
+      continue
+    epochs_Q = np.asarray(study.cells[row.cell].eval_epochs)
+    low, mid, high = np.nanpercentile(kl_SxQ, [10, 50, 90], axis=0)
+    ax.plot(epochs_Q, mid, marker="o", markersize=3, label=row.cell, **_style(i))
+    ax.fill_between(epochs_Q, low, high, color=_style(i)["color"], alpha=0.15, linewidth=0)
+  _epoch_axis(ax)
+  ax.set(
+    ylabel="KL(model || unigram prior), nats",
+    title="Distance from the unigram prior (0 = predicts the corpus frequencies everywhere)",
+  )
+  ax.title.set_fontsize("small")
   _legend(ax, len(cells))
   return fig
 
@@ -204,6 +296,21 @@ def figures(study: workdir.Finished) -> dict:
   rows = study.rows
   out = {
     "loss_curves": (plot_loss_curves(rows, study), "Training loss per epoch."),
+    "collapse_over_training": (
+      plot_collapse_over_training(rows, study),
+      "Share of seeds collapsed (greedy decoding of the final prompts) at each evaluation "
+      "point, with 95% Wilson bands.",
+    ),
+    "onset_escape": (
+      plot_onset_escape(rows, study),
+      "When seeds first collapse (onset) and when they leave collapse for good (escape), as "
+      "shares of seeds per evaluation point.",
+    ),
+    "unigram_kl": (
+      plot_unigram_kl(rows, study),
+      "KL divergence of the model's next-token distribution from the corpus unigram prior, "
+      "mean over distinct contexts; median and 10–90% of seeds.",
+    ),
     "tail_periods": (
       plot_tail_periods(rows, study),
       "Tail period of every continuation (seeds × prompts); 1 = collapsed onto one token.",

@@ -182,6 +182,105 @@ def examples_section(study: workdir.Finished) -> list[str]:
   return lines
 
 
+def _range(median: float, low: float, high: float) -> str:
+  if math.isnan(median):
+    return "–"
+  return f"{median:g} [{low:g}, {high:g}]"
+
+
+def dynamics_section(study: workdir.Finished) -> list[str]:
+  """Collapse over training, its mechanism, and the rules' findings per cell."""
+  rows = list({r.cell: r for r in reversed(study.rows)}.values())[::-1]  # One per cell.
+  lines = [
+    "## Collapse over training",
+    "",
+    "Evaluated at epochs 0, k, 2k, … (`study.eval_every`) with greedy decoding of the final "
+    "prompts. *Onset*: first collapsed evaluation; *escape*: first evaluation from which a "
+    "seed stays uncollapsed; median [25th, 75th percentile] over the seeds concerned. "
+    "*KL*: final KL(model ‖ unigram prior) in nats; *onto mode*: share of collapsed seeds "
+    "whose collapse token is the corpus' most frequent next token.",
+    "",
+  ]
+  header = ["cell", "evaluated at", "never", "escaped", "at end", "onset", "escape", "KL",
+            "onto mode"]  # fmt: skip
+  body = [
+    [
+      f"`{_md(r.cell)}`",
+      _md(", ".join(str(e) for e in study.cells[r.cell].eval_epochs)),
+      _f(r.never_collapsed_share, 2),
+      _f(r.escaped_share, 2),
+      _f(r.collapsed_at_end_share, 2),
+      _range(r.onset_median, r.onset_q25, r.onset_q75),
+      _range(r.escape_median, r.escape_q25, r.escape_q75),
+      _f(r.unigram_kl_mean),
+      _f(r.collapse_token_is_mode, 2),
+    ]
+    for r in rows
+  ]
+  lines += [_table(header, body, "llrrrllrr"), ""]
+  census = [r for r in study.rows if not math.isnan(r.cycles_mean)]
+  if census:
+    lines += [
+      "Attractor census (greedy decoding is a map on context windows, so every continuation "
+      "ends in a cycle): distinct cycles reached over the prompts (mean over seeds), the most "
+      "common cycle's share of prompts (median), seeds whose most common cycle is one token "
+      "repeated, and prompts with no repeated window within the generated tokens.",
+      "",
+      _table(
+        ["row", "cycles", "largest basin", "fixed point", "unresolved"],
+        [
+          [
+            f"`{_md(r.label)}`",
+            _f(r.cycles_mean, 2),
+            _f(r.largest_basin_median, 2),
+            _f(r.fixed_point_share, 2),
+            _f(r.unresolved_mean, 2),
+          ]
+          for r in census
+        ],
+      ),
+      "",
+    ]
+  lines += ["Findings, by the rules below (`research/claims.py`):", ""]
+  body = []
+  for r in rows:
+    for check in (claims.escape(r), claims.unigram_stage(r, study.of(r))):
+      body.append([f"`{_md(r.cell)}`", _md(check.claim), _md(check.measured),
+                   f"**{check.verdict}**", _md(check.reason)])  # fmt: skip
+  lines += [_table(["cell", "statement", "measured", "verdict", "why"], body, "lllll"), ""]
+  lines += ["Rules:", ""] + [f"- {rule}" for rule in claims.DYNAMICS_RULES] + [""]
+  return lines
+
+
+def pairs_section(study: workdir.Finished) -> list[str]:
+  """Decodings compared on the same seeds."""
+  if not study.pairs:
+    return []
+  header = ["cell", "a vs b", "collapse a / b", "a only / b only", "McNemar p",
+            "P(a's seq-rep-4 < b's) [95% CI]"]  # fmt: skip
+  body = [
+    [
+      f"`{_md(p.cell)}`",
+      f"{_md(p.a)} vs {_md(p.b)}",
+      f"{_f(p.a_collapse_rate)} / {_f(p.b_collapse_rate)}",
+      f"{p.a_only} / {p.b_only}",
+      f"{p.mcnemar_p:.3g}",
+      f"{_f(p.a_lower_seq_rep)} [{_f(p.a_lower_seq_rep_low)}, {_f(p.a_lower_seq_rep_high)}]",
+    ]
+    for p in study.pairs
+  ]
+  return [
+    "## Decodings compared on the same seeds",
+    "",
+    "Each pair of decodings continues the same prompts from the same trained seeds. McNemar's "
+    "exact test on per-seed collapse uses the seeds that collapse under one decoding only; the "
+    "last column is the share of seeds whose seq-rep-4 is lower under a (ties count half).",
+    "",
+    _table(header, body, "llrrrr"),
+    "",
+  ]
+
+
 def claims_section(rows: list[Row], claim_set: str) -> list[str]:
   lines = ["## Claims checked", ""]
   if claim_set not in claims.CLAIM_SETS:
@@ -229,6 +328,8 @@ def render(directory: str, study: workdir.Finished, captions: dict) -> str:
   ]
   for name, caption in captions.items():
     lines += [f"![{name}]({name}.png)", "", f"*{caption}*", ""]
+  lines += dynamics_section(study)
+  lines += pairs_section(study)
   lines += examples_section(study)
   if claim_set:
     lines += claims_section(study.rows, claim_set)

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 
 from research import claims, stats
@@ -118,3 +119,41 @@ def test_check_blog_groups_grid_points_and_decodings():
     "[epochs=300]@T1.0",
   ]
   assert all(len(checks) == 3 for _, checks in checked)
+
+
+@pytest.mark.parametrize(
+  "escaped, at_end, verdict",
+  [(0.9, 0.05, claims.SUPPORTED), (0.05, 0.9, claims.NOT_SUPPORTED), (0.3, 0.3, claims.MIXED)],
+)
+def test_escape_rule(escaped, at_end, verdict):
+  row = scenario_row(3, 0, escaped_share=escaped, collapsed_at_end_share=at_end)
+  assert claims.escape(row).verdict == verdict
+  assert claims.escape(scenario_row(3, 0)).verdict == claims.UNTESTED  # Never collapsed.
+
+
+def curves(collapsed_SxQ, kl_SxQ):
+  n = len(collapsed_SxQ)
+  return dict(
+    diverged=np.zeros(n, bool),
+    curve_collapsed=np.asarray(collapsed_SxQ, bool),
+    curve_unigram_kl=np.asarray(kl_SxQ, float),
+  )
+
+
+def test_unigram_stage_rule():
+  rng = np.random.default_rng(0)
+  collapsed = np.tile([1, 1, 0, 0], (40, 1))  # Collapsed early, then not.
+  low_when_collapsed = np.where(collapsed, 0.01, 1.0) + rng.uniform(0, 0.01, collapsed.shape)
+  row = scenario_row(3, 30, seeds=40, collapse_token_is_mode=1.0)
+  assert claims.unigram_stage(row, curves(collapsed, low_when_collapsed)).verdict == (
+    claims.SUPPORTED
+  )
+  high_when_collapsed = np.where(collapsed, 1.0, 0.01)
+  off_mode = dataclasses.replace(row, collapse_token_is_mode=0.0)
+  check = claims.unigram_stage(off_mode, curves(collapsed, high_when_collapsed))
+  assert check.verdict == claims.NOT_SUPPORTED
+  assert claims.unigram_stage(off_mode, curves(collapsed, low_when_collapsed)).verdict == (
+    claims.MIXED
+  )
+  never = np.zeros((40, 4))
+  assert claims.unigram_stage(row, curves(never, high_when_collapsed)).verdict == claims.UNTESTED

@@ -36,7 +36,10 @@ def test_lr_panels_split_by_scenario_other_axes_and_decoding():
 
 def test_blog_study_figures_render(blog_workdir):
   figures = plots.figures(workdir.load(blog_workdir[0]))
-  assert sorted(figures) == ["loss_curves", "tail_periods", "top_token_share"]
+  assert sorted(figures) == [
+    "collapse_over_training", "loss_curves", "onset_escape", "tail_periods", "top_token_share",
+    "unigram_kl",
+  ]  # fmt: skip
   for figure, caption in figures.values():
     assert caption
     assert_valid_png(plots.png(figure))

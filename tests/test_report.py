@@ -24,8 +24,14 @@ def test_blog_report_has_setup_table_plots_examples_and_claims(blog_workdir):
   for link in links:
     assert os.path.exists(os.path.join(directory, link))
   assert "'the' + ' " in text  # A decoded probe continuation.
-  verdicts = re.findall(r"\| \*\*(supported|not supported|mixed|untested)\*\* \|", text)
+  claims = text.split("## Claims checked")[1]
+  verdicts = re.findall(r"\| \*\*(supported|not supported|mixed|untested)\*\* \|", claims)
   assert len(verdicts) == 3
+  for heading in ("## Collapse over training", "Attractor census", "Findings, by the rules"):
+    assert heading in text
+  assert {"collapse_over_training.png", "onset_escape.png", "unigram_kl.png"} <= set(links)
+  dynamics = text.split("## Collapse over training")[1].split("## Example")[0]
+  assert len(re.findall(r"\| \*\*(?:supported|not supported|mixed|untested)\*\* \|", dynamics)) == 6
 
 
 def run_report_module(workdir):

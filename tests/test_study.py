@@ -196,3 +196,26 @@ def test_an_impossible_memory_budget_is_refused_before_training(tmp_path):
   with pytest.raises(workdir.WorkdirError, match=r"memory_budget_mb=1 is too small .* MiB"):
     study.run_study(config, str(tmp_path))
   assert not os.listdir(tmp_path / "cells")
+
+
+def test_evaluation_during_training_leaves_the_final_results_unchanged(tmp_path):
+  config = tiny_config(eval_every=1)
+  rows = study.run_study(config, str(tmp_path / "every"))
+  study.run_study(tiny_config(eval_every=3), str(tmp_path / "sparse"))
+  every, few = load_per_seed(tmp_path / "every"), load_per_seed(tmp_path / "sparse")
+  assert every["default/curve_collapsed"].shape == (4, 4)  # Epochs 0, 1, 2, 3.
+  assert few["default/curve_collapsed"].shape == (4, 2)  # Epochs 0, 3.
+  meta, _ = workdir.read_cell(str(tmp_path / "every"), "default")
+  assert meta.eval_epochs == [0, 1, 2, 3]
+  for key in few:
+    if "/curve_" not in key:
+      np.testing.assert_allclose(every[key], few[key], rtol=1e-6, err_msg=key)
+  # The last evaluation point is the trained model: it agrees with the final evaluation.
+  np.testing.assert_array_equal(
+    every["default/curve_collapsed"][:, -1], every["default/greedy/seed_collapsed"]
+  )
+  np.testing.assert_allclose(every["default/curve_loss"][:, -1], every["default/final_loss"])
+  np.testing.assert_allclose(
+    every["default/curve_unigram_kl"][:, -1], every["default/unigram_kl"], rtol=1e-6
+  )
+  assert 0.0 <= rows[0].never_collapsed_share <= 1.0
