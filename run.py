@@ -5,16 +5,20 @@ Exit codes: 0 done; 2 a usage or config error (bad flag, config file or value, c
 (finished cells are kept; the same command resumes).
 """
 
-import research  # noqa: F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
+import time
 
-import os
-import sys
+STARTED = time.time()  # For the start-up phase: imports and JAX's start count.
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+import research  # noqa: E402, F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
 
-from research import config_lib, data, files, report, results, study, workdir
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from research import config_lib, data, files, report, results, study, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Study config file (configs/*.py).")
@@ -27,6 +31,14 @@ flags.DEFINE_bool(
   "(generate.*, study.decodings), without training.",
 )
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+  os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "collapse-study", "jax"
+)
+flags.DEFINE_string(
+  "compilation_cache",
+  CACHE,
+  "JAX's persistent compilation cache: a second run of a config compiles nothing. '' = off.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 jax.config.config_with_absl()  # Exposes --jax_enable_x64 and other JAX flags.
 
@@ -87,12 +99,19 @@ def main(argv):
     fail(f"cannot load --config={FLAGS['config'].config_filename}: {config_load_error(e)}", USAGE)
   if FLAGS.distributed:
     jax.distributed.initialize()
+  if FLAGS.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
     if FLAGS.reevaluate:
       rows = study.reevaluate_study(config, FLAGS.workdir)
     else:
-      rows = study.run_study(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+      rows = study.run_study(config, FLAGS.workdir, FLAGS.overwrite, started=STARTED)
+    phases = workdir.load(FLAGS.workdir).phases
+    t = time.time()
     report.write_report(FLAGS.workdir)
+    phases = dict(phases, report=time.time() - t, total=time.time() - STARTED)
+    workdir.record_phases(FLAGS.workdir, phases)
   except (config_lib.ConfigError, data.DataError) as e:
     fail(str(e), USAGE)
   except (workdir.WorkdirError, files.WriteError) as e:
@@ -108,6 +127,7 @@ def main(argv):
     # a computation crashed it (exit 139). Every file is already written atomically.
     os._exit(INTERRUPTED)
   print(results.format_table(rows))
+  print(f"phases: {report.format_phases(phases)}")
   print(f"results in {FLAGS.workdir}: results.csv, results.json, per_seed.npz, report.md")
 
 

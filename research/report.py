@@ -78,6 +78,22 @@ def headline_table(rows: list[Row]) -> str:
   return _table(header, body, "l" + "r" * 10 + "l")
 
 
+def format_phases(phases: dict) -> str:
+  """A run's phase timings in one line."""
+  named = ("startup", "compile", "train", "evaluate", "report", "total")
+  parts = [f"{k} {phases[k]:.1f} s" for k in named if k in phases]
+  if "programs_compiled" in phases:
+    parts.append(
+      f"{phases['programs_compiled']} programs compiled, "
+      f"{phases.get('compilation_cache_hits', 0)} from the compilation cache"
+    )
+  return "; ".join(parts)
+
+
+def _phases(phases: dict) -> str:
+  return format_phases(phases) or "phases not recorded"
+
+
 def _setting(section: dict, keys) -> str:
   return ", ".join(f"{k}={section[k]!r}" for k in keys if k in section)
 
@@ -98,8 +114,9 @@ def setup_section(directory: str, study: workdir.Finished) -> list[str]:
     f"`{run_info.get('fingerprint', '?')}`.",
     f"- Seeds per cell: **{study.seeds}** (PRNG keys {offset}…"
     f"{offset + study.seeds - 1}, the same keys in every cell).",
-    f"- Wall time of the last run: {study.wall_seconds:.1f} s; training and evaluation "
-    f"summed over cells (including earlier, resumed runs): {compute:.1f} s.",
+    f"- Wall time of the last run: {study.wall_seconds:.1f} s ({_phases(study.phases)}); "
+    f"training and evaluation summed over cells (including earlier, resumed runs): "
+    f"{compute:.1f} s.",
     f"- Device: {devices.get('device_count', '?')} × {devices.get('device_kind', '?')} "
     f"({devices.get('backend', '?')}), {devices.get('process_count', '?')} process(es), "
     f"{devices.get('cpu_count', '?')} CPU cores on `{devices.get('host', '?')}`; "

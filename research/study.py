@@ -72,6 +72,28 @@ def group_cells(cells: list[config_lib.Cell]) -> list[Group]:
   return [Group.build(group) for group in groups.values()]
 
 
+class _CompileClock:
+  """JAX's compile events (tracing, lowering, XLA compile) and persistent-cache hits, summed."""
+
+  def __init__(self):
+    self.seconds, self.compiled, self.cache_hits = 0.0, 0, 0
+
+  def on_duration(self, name: str, seconds: float, **_) -> None:
+    if name.startswith("/jax/core/compile/"):
+      self.seconds += seconds
+    if name == "/jax/core/compile/backend_compile_duration":
+      self.compiled += 1
+
+  def on_event(self, name: str, **_) -> None:
+    if name == "/jax/compilation_cache/cache_hits":
+      self.cache_hits += 1
+
+
+_CLOCK = _CompileClock()
+jax.monitoring.register_event_duration_secs_listener(_CLOCK.on_duration)
+jax.monitoring.register_event_listener(_CLOCK.on_event)
+
+
 def corpora(cells: list[config_lib.Cell]) -> dict:
   """Cell name -> the text it trains on: name, characters, sha256 (config.json records it)."""
   return {c.name: data_lib.corpus_info(c.config.data).as_dict() for c in cells}
@@ -338,8 +360,8 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       buffers[i].add(mine, trained, evaluation, timing)
       if buffers[i].remaining == 0:
         meta = _cell_meta(cells[i], group.dataset, buffers[i].timing, eval_epochs(config))
+        progress.cell_done(cells[i].name, buffers[i].timing)
         workdir.write_cell(directory, cells[i], meta, buffers.pop(i).arrays())
-        progress.cell_done(cells[i].name)
   workdir.clear_checkpoints(directory, group_sig)
 
 
@@ -351,6 +373,7 @@ class _Progress:
     self.seed_epochs_total, self.seed_epochs_done = seed_epochs, 0
     self.start = time.time()
     self.last = 0.0
+    self.timing = _Timing()  # Of the cells computed in this run.
 
   def epochs(self, num_seeds: int, epochs_done: int, epochs: int, chunk_start: float) -> None:
     """Called after each jitted call of `epochs_done` of `epochs` epochs on num_seeds seeds."""
@@ -369,7 +392,9 @@ class _Progress:
       num_seeds * epochs_done / epochs / max(now - chunk_start, 1e-9), eta,
     )  # fmt: skip
 
-  def cell_done(self, name: str) -> None:
+  def cell_done(self, name: str, timing: "_Timing | None" = None) -> None:
+    """A cell finished (timing: when computed in this run, not skipped)."""
+    self.timing += timing or _Timing()
     self.cells_done += 1
     elapsed = time.time() - self.start
     logging.info(
@@ -377,12 +402,15 @@ class _Progress:
     )
 
 
-def run_study(config, directory: str, overwrite: bool = False) -> list[results.Row]:
+def run_study(
+  config, directory: str, overwrite: bool = False, started: float | None = None
+) -> list[results.Row]:
   """Runs every unfinished cell of `config` into `directory`; returns the results rows.
 
-  The workdir is locked while the study runs.
+  The workdir is locked while the study runs. started: when the process began (time.time()),
+  for the start-up phase; default now.
   """
-  start = time.time()
+  start = started or time.time()
   cells = config_lib.expand_cells(config)
   groups = group_cells(cells)  # Datasets and prompts now: bad data fails before any training.
   with workdir.open_for_study(directory, config, overwrite, corpora(cells)):
@@ -390,6 +418,8 @@ def run_study(config, directory: str, overwrite: bool = False) -> list[results.R
 
 
 def _run(config, cells, groups, directory: str, start: float) -> list[results.Row]:
+  compile_before = (_CLOCK.seconds, _CLOCK.compiled, _CLOCK.cache_hits)
+  startup = time.time() - start
   logging.info(
     "%d cells x %d seeds in %d compiled program(s) on %s",
     len(cells), config.study.seeds, len(groups), workdir.device_summary(),
@@ -406,7 +436,25 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
         progress.cell_done(cell.name)
     if any(c.name not in done for c in group.cells):
       _run_group(group, done, directory, budget, progress)
-  return workdir.write_results(directory, cells, config.study.seeds, time.time() - start)
+  return workdir.write_results(
+    directory, cells, config.study.seeds, time.time() - start,
+    _phases(progress.timing, startup, compile_before, time.time() - start),
+  )  # fmt: skip
+
+
+def _phases(timing: "_Timing", startup: float, compile_before, total: float) -> dict:
+  """Seconds per phase of this run: start-up (process start to the first cell), compilation
+  (JAX's tracing, lowering and XLA compile events; part of training's and evaluation's first
+  calls), training and evaluation of the cells computed in this run, and the whole."""
+  return dict(
+    startup=startup,
+    compile=_CLOCK.seconds - compile_before[0],
+    programs_compiled=_CLOCK.compiled - compile_before[1],
+    compilation_cache_hits=_CLOCK.cache_hits - compile_before[2],
+    train=timing.train,
+    evaluate=timing.evaluate,
+    total=total,
+  )
 
 
 def reevaluate_study(config, directory: str) -> list[results.Row]:
@@ -415,7 +463,7 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
   Only generate.* and study.decodings may differ from the config that trained them; loss
   curves are kept, every other per-seed metric is recomputed by today's code.
   """
-  start = time.time()
+  start, compile_before = time.time(), _CLOCK.seconds
   cells = config_lib.expand_cells(config)
   groups = group_cells(cells)
   with workdir.open_for_reevaluation(directory, config, corpora(cells)):
@@ -445,4 +493,6 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
         meta = _cell_meta(cell, group.dataset, timing, old_meta.eval_epochs)
         workdir.write_cell(directory, cell, meta, buffer.arrays())
         logging.info("re-evaluated %s (%d seeds)", cell.name, done)
-    return workdir.write_results(directory, cells, config.study.seeds, time.time() - start)
+    total = time.time() - start
+    phases = dict(evaluate=total, compile=_CLOCK.seconds - compile_before, total=total)
+    return workdir.write_results(directory, cells, config.study.seeds, total, phases)

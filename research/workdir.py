@@ -552,7 +552,9 @@ def device_summary() -> dict:
 # ----------------------------------------------------------------------------- results
 
 
-def write_results(directory: str, cells: list[config_lib.Cell], seeds: int, wall_seconds: float):
+def write_results(
+  directory: str, cells: list[config_lib.Cell], seeds: int, wall_seconds: float, phases: dict
+):
   """results.json, results.csv and per_seed.npz from every finished cell; returns the rows."""
   rows, pairs, per_seed = [], [], {}
   for cell in cells:
@@ -565,6 +567,7 @@ def write_results(directory: str, cells: list[config_lib.Cell], seeds: int, wall
     pairs=[results.to_jsonable(p) for p in pairs],
     seeds=seeds,
     wall_seconds=wall_seconds,
+    phases=phases,  # Seconds: startup, compile, train, evaluate, total (+ report, later).
     devices=device_summary(),
   )
   _write(directory, RESULTS_JSON, files.write_json, summary)
@@ -579,6 +582,7 @@ class Finished:
 
   rows: list  # results.Row, in results.json order.
   pairs: list  # results.Pair: decodings compared on the same seeds.
+  phases: dict  # Seconds per phase of the last run.
   run: dict  # config.json ({} when missing).
   seeds: int
   wall_seconds: float
@@ -610,6 +614,7 @@ def load(directory: str) -> Finished:
   return Finished(
     rows=rows,
     pairs=[results.from_jsonable(p, results.Pair) for p in saved.get("pairs", [])],
+    phases=saved.get("phases", {}),
     run=run_info,
     seeds=saved["seeds"],
     wall_seconds=saved["wall_seconds"],
@@ -617,6 +622,14 @@ def load(directory: str) -> Finished:
     cells=cells,
     arrays=arrays,
   )
+
+
+def record_phases(directory: str, phases: dict) -> None:
+  """Adds the finished run's phase timings to results.json and config.json."""
+  for name in (RESULTS_JSON, CONFIG):
+    record = files.read_json(os.path.join(directory, name))
+    record["phases"] = phases
+    _write(directory, name, files.write_json, record)
 
 
 def write_note(directory: str, text: str, figures: dict, all_names) -> str:
