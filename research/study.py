@@ -220,11 +220,13 @@ def _in_parts(program, state, rows: int, eval_seeds: int):
 def eval_epochs(config) -> list[int]:
   """Evaluation points: epochs 0, k, 2k, ..., E with k = study.eval_every.
 
-  eval_every 0 picks k = E / 5 (rounded): about five intervals. Results never depend on
-  study.epochs_per_call; a k that is a multiple of it adds no compiled program.
+  eval_every 0 picks k = E / 2: epochs 0, E/2 and E, which keeps the cost of following
+  training within a quarter of the blog study's time (each point decodes every prompt).
+  Results never depend on study.epochs_per_call; a k that is a multiple of it adds no
+  compiled program.
   """
   epochs = config.train.epochs
-  every = config.study.eval_every or max(1, round(epochs / 5))
+  every = config.study.eval_every or max(1, epochs // 2)
   return sorted(set(range(0, epochs, every)) | {epochs})
 
 
@@ -270,7 +272,8 @@ def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, 
       losses.append(np.asarray(_to_host(loss_SxE))[:rows])
       train_s, epoch = train_s + time.time() - t, bound
       progress.epochs(rows, epoch, epochs, t0)
-    if epoch == bound and bound in points[len(curves["loss"]) :]:
+    reused = bound == epochs and _greedy(group) is not None  # From the final evaluation.
+    if epoch == bound and bound in points[len(curves["loss"]) :] and not reused:
       t = time.time()
       dynamics = _in_parts(group.programs.dynamics, state, rows, eval_seeds)
       for k, v in vars(dynamics).items():
@@ -282,6 +285,24 @@ def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, 
       last_save = time.time()
   curves = {f"curve_{k}": v for k, v in _stacked(curves).items()}
   return _Trained(state, np.concatenate(losses, axis=1), curves, train_s, eval_s)
+
+
+def _greedy(group: Group) -> str | None:
+  """The name of the cells' first greedy decoding, if any."""
+  names = [d.name for d in group.cells[0].decodings if d.generate.strategy == "greedy"]
+  return names[0] if names else None
+
+
+def _last_point(evaluation, greedy: str) -> dict:
+  """The dynamics at the last epoch, read from the final evaluation (the same quantities)."""
+  decoded = evaluation.decodings[greedy]
+  return dict(
+    collapsed=decoded.seed_collapsed,
+    argmax_constant=evaluation.train.argmax_constant,
+    loss=evaluation.train.final_loss,
+    unigram_kl=evaluation.train.unigram_kl,
+    top_token_share=decoded.top_token_share,
+  )
 
 
 def _run_group(group: Group, done: set, directory: str, budget: int, progress) -> None:
@@ -346,6 +367,12 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
     t = time.time()
     evaluation = _in_parts(group.programs.evaluate, trained.state, len(rows), the_plan.eval_seeds)
     eval_seconds = trained.eval_seconds + time.time() - t
+    if _greedy(group) is not None:
+      last = _last_point(evaluation, _greedy(group))
+      trained.curves = {
+        k: np.concatenate([v, np.asarray(last[k.removeprefix("curve_")])[:, None]], axis=1)
+        for k, v in trained.curves.items()
+      }
     seconds = time.time() - t0
     for i in np.unique(cell_of[rows]):
       if i not in buffers:

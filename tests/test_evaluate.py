@@ -102,3 +102,15 @@ def test_windows_in_chunks_give_the_one_pass_metrics(mode):
   constant = state.replace(params=jax.tree_util.tree_map(jnp.zeros_like, state.params))
   run = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, 8).final)
   assert bool(run(constant).train.argmax_constant)  # All-zero weights: one prediction.
+
+
+def test_dynamics_measure_what_the_final_evaluation_measures(setup):
+  cell, dataset, state, result = setup
+  dynamics = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings).dynamics)(state)
+  greedy = result.decodings["greedy"]
+  assert bool(dynamics.collapsed) == bool(greedy.seed_collapsed)
+  assert bool(dynamics.argmax_constant) == bool(result.train.argmax_constant)
+  np.testing.assert_allclose(dynamics.loss, result.train.final_loss, rtol=1e-6)
+  np.testing.assert_allclose(dynamics.unigram_kl, result.train.unigram_kl, rtol=1e-6)
+  np.testing.assert_allclose(dynamics.top_token_share, greedy.top_token_share, rtol=1e-6)
+  assert float(result.train.unigram_kl) > 0  # A random model is not the unigram prior.
