@@ -55,24 +55,27 @@ def _style(i: int) -> dict:
   return dict(color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[(i // 10) % 4])
 
 
+def _median_band(ax, x, values_SxX, i: int, label: str, **plot) -> tuple[float, float]:
+  """The median over seeds as a line and the 10-90% band around it; returns the band's range."""
+  low, mid, high = np.nanpercentile(values_SxX, [10, 50, 90], axis=0)
+  ax.plot(x, mid, label=label, **plot, **_style(i))
+  ax.fill_between(x, low, high, color=_style(i)["color"], alpha=0.15, linewidth=0)
+  return float(np.nanmin(low)), float(np.nanmax(high))
+
+
 def plot_loss_curves(rows: list[Row], study: workdir.Finished) -> Figure:
   """Median and 10-90% band of the training loss across seeds, one line per cell."""
   fig = Figure(figsize=(8, 4.5))
   ax = fig.add_subplot()
-  cells = list(dict.fromkeys(r.cell for r in rows))
-  first = {r.cell: r for r in reversed(rows)}
-  lows, highs = [], []
-  for i, cell in enumerate(cells):
-    arrays = study.of(first[cell])
+  cells = _cell_rows(rows)
+  ranges = []
+  for i, row in enumerate(cells):
+    arrays = study.of(row)
     loss_SxE = arrays["loss_curve"][results.ok_seeds(arrays)]
-    if loss_SxE.size == 0:
-      continue
-    low_E, mid_E, high_E = np.nanpercentile(loss_SxE, [10, 50, 90], axis=0)
-    epochs_E = np.arange(1, loss_SxE.shape[1] + 1)
-    ax.plot(epochs_E, mid_E, label=cell, **_style(i))
-    ax.fill_between(epochs_E, low_E, high_E, color=_style(i)["color"], alpha=0.15, linewidth=0)
-    lows.append(np.nanmin(low_E))
-    highs.append(np.nanmax(high_E))
+    if loss_SxE.size:
+      epochs_E = np.arange(1, loss_SxE.shape[1] + 1)
+      ranges.append(_median_band(ax, epochs_E, loss_SxE, i, row.cell))
+  lows, highs = zip(*ranges, strict=True) if ranges else ((), ())
   if lows and min(lows) > 0 and max(highs) / min(lows) > 20:  # Log only when it spans decades.
     ax.set_yscale("log")
   ax.set(xlabel="epoch", ylabel="training loss (nats)", title="Loss: median, 10–90% of seeds")
@@ -150,9 +153,7 @@ def plot_unigram_kl(rows: list[Row], study: workdir.Finished) -> Figure:
     if not kl_SxQ.size:
       continue
     epochs_Q = np.asarray(study.cells[row.cell].eval_epochs)
-    low, mid, high = np.nanpercentile(kl_SxQ, [10, 50, 90], axis=0)
-    ax.plot(epochs_Q, mid, marker="o", markersize=3, label=row.cell, **_style(i))
-    ax.fill_between(epochs_Q, low, high, color=_style(i)["color"], alpha=0.15, linewidth=0)
+    _median_band(ax, epochs_Q, kl_SxQ, i, row.cell, marker="o", markersize=3)
   _epoch_axis(ax)
   ax.set(
     ylabel="KL(model || unigram prior), nats",
