@@ -88,6 +88,15 @@ def _cell_rows(rows: list[Row]) -> list[Row]:
   return list({r.cell: r for r in reversed(rows)}.values())[::-1]
 
 
+def _curves(rows: list[Row], study: workdir.Finished, field: str):
+  """(index, row, values seeds x points, epochs_Q) of each cell's curve over its valid seeds."""
+  for i, row in enumerate(_cell_rows(rows)):
+    arrays = study.of(row)
+    values_SxQ = arrays[field][results.ok_seeds(arrays)]
+    if values_SxQ.size:
+      yield i, row, values_SxQ, np.asarray(study.cells[row.cell].eval_epochs)
+
+
 def _epoch_axis(ax) -> None:
   # Log-scaled epochs, with epoch 0 kept on a linear stretch below 1.
   ax.set_xscale("symlog", linthresh=1.0)
@@ -98,13 +107,7 @@ def plot_collapse_over_training(rows: list[Row], study: workdir.Finished) -> Fig
   """Collapse rate at each evaluation point, one line per cell, 95% Wilson bands."""
   fig = Figure(figsize=(8, 4.5))
   ax = fig.add_subplot()
-  cells = _cell_rows(rows)
-  for i, row in enumerate(cells):
-    arrays = study.of(row)
-    curve_SxQ = arrays["curve_collapsed"][results.ok_seeds(arrays)].astype(bool)
-    if not curve_SxQ.size:
-      continue
-    epochs_Q = np.asarray(study.cells[row.cell].eval_epochs)
+  for i, row, curve_SxQ, epochs_Q in _curves(rows, study, "curve_collapsed"):
     cis = [stats.wilson(int(k), curve_SxQ.shape[0]) for k in curve_SxQ.sum(axis=0)]
     rate = np.asarray([c.estimate for c in cis])
     ax.plot(epochs_Q, rate, marker="o", markersize=3, label=row.cell, **_style(i))
@@ -113,7 +116,7 @@ def plot_collapse_over_training(rows: list[Row], study: workdir.Finished) -> Fig
   _epoch_axis(ax)
   ax.set_ylim(-0.03, 1.03)
   ax.set(ylabel="collapse rate (greedy)", title="Collapse over training (95% Wilson bands)")
-  _legend(ax, len(cells))
+  _legend(ax, len(_cell_rows(rows)))
   return fig
 
 
@@ -121,11 +124,7 @@ def plot_onset_escape(rows: list[Row], study: workdir.Finished) -> Figure:
   """Histograms over seeds of the onset and the escape epochs, one step line per cell."""
   fig = Figure(figsize=(10, 3.8), layout="constrained")
   onset_ax, escape_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-  cells = _cell_rows(rows)
-  for i, row in enumerate(cells):
-    arrays = study.of(row)
-    curve_SxQ = arrays["curve_collapsed"][results.ok_seeds(arrays)].astype(bool)
-    epochs_Q = np.asarray(study.cells[row.cell].eval_epochs)
+  for i, row, curve_SxQ, epochs_Q in _curves(rows, study, "curve_collapsed"):
     edges = np.concatenate([epochs_Q, [epochs_Q[-1] + 1]]) - 0.5
     for ax, fn in ((onset_ax, metrics.onset_epoch), (escape_ax, metrics.escape_epoch)):
       values = np.asarray(fn(curve_SxQ, epochs_Q))
@@ -138,7 +137,7 @@ def plot_onset_escape(rows: list[Row], study: workdir.Finished) -> Figure:
     _epoch_axis(ax)
     ax.set(ylabel="share of seeds", title=what)
     ax.title.set_fontsize("small")
-  _legend(escape_ax, len(cells))
+  _legend(escape_ax, len(_cell_rows(rows)))
   return fig
 
 
@@ -146,13 +145,7 @@ def plot_unigram_kl(rows: list[Row], study: workdir.Finished) -> Figure:
   """Median and 10-90% band of the unigram KL at each evaluation point, one line per cell."""
   fig = Figure(figsize=(8, 4.5))
   ax = fig.add_subplot()
-  cells = _cell_rows(rows)
-  for i, row in enumerate(cells):
-    arrays = study.of(row)
-    kl_SxQ = arrays["curve_unigram_kl"][results.ok_seeds(arrays)]
-    if not kl_SxQ.size:
-      continue
-    epochs_Q = np.asarray(study.cells[row.cell].eval_epochs)
+  for i, row, kl_SxQ, epochs_Q in _curves(rows, study, "curve_unigram_kl"):
     _median_band(ax, epochs_Q, kl_SxQ, i, row.cell, marker="o", markersize=3)
   _epoch_axis(ax)
   ax.set(
@@ -160,7 +153,7 @@ def plot_unigram_kl(rows: list[Row], study: workdir.Finished) -> Figure:
     title="Distance from the unigram prior (0 = predicts the corpus frequencies everywhere)",
   )
   ax.title.set_fontsize("small")
-  _legend(ax, len(cells))
+  _legend(ax, len(_cell_rows(rows)))
   return fig
 
 
