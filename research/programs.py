@@ -16,8 +16,9 @@ from research import data as data_lib
 from research import evaluate as evaluate_lib
 from research import train as train_lib
 
-# Logits a chunk of windows may hold per seed during evaluation (chunk x V floats).
-EVAL_LOGITS_BYTES = 16 << 20
+# What a chunk of training windows may hold per seed during evaluation: its logits and LSTM
+# activations.
+EVAL_CHUNK_BYTES = 16 << 20
 # Safety factor over the counted arrays: XLA temporaries, fusion buffers, host copies.
 SLACK = 3
 
@@ -43,9 +44,10 @@ def footprint(config, dataset: data_lib.Dataset, state_bytes: int, prompts: int)
   activations = batch * (t * (d + 3 * gates + 2 * h) + 3 * v) * f
   plan = dataset.windows_NxW.size * 4  # One epoch's shuffled windows, gathered per seed.
   train = 4 * state_bytes + 3 * activations + plan
-  window_chunk = int(min(dataset.windows_NxW.shape[0], max(64, EVAL_LOGITS_BYTES // (v * f))))
-  logits = window_chunk * (4 * v + 2 * t * gates) * f
-  generation = prompts * ((4 * v + 2 * t * gates) * f + length * (length // 4 + 8) * 4)
+  per_window = (4 * v + 2 * t * gates) * f  # Logits, softmax and the LSTM's activations.
+  window_chunk = int(min(dataset.windows_NxW.shape[0], max(64, EVAL_CHUNK_BYTES // per_window)))
+  logits = window_chunk * per_window
+  generation = prompts * (per_window + length * (length // 4 + 8) * 4)
   evaluate = state_bytes + logits + generation
   return Footprint(
     state=state_bytes,
