@@ -222,11 +222,11 @@ DYNAMICS_RULES = (
   "the interval lies above 0.5, *not supported* when below, *mixed* otherwise; *untested* when "
   "no seed ever collapsed.",
   "**Unigram stage**: per seed, the mean unigram KL over its collapsed evaluation points and "
-  "over its other points, with 95% bootstrap intervals over seeds; and the share of collapsed "
-  "seeds (at the end) collapsing onto the corpus' most frequent next token. *Supported* when "
-  "the collapsed points' KL lies below the others' and that share's Wilson interval lies above "
-  "0.5; *not supported* when neither holds; *mixed* otherwise; *untested* without both kinds "
-  "of points.",
+  "over its other points, with 95% bootstrap intervals over seeds; and, over every collapsed "
+  "evaluation point, the share collapsed onto the corpus' most frequent next token. "
+  "*Supported* when the collapsed points' KL lies below the others' and that share's Wilson "
+  "interval lies above 0.5; *not supported* when neither holds; *mixed* otherwise; "
+  "*untested* without both kinds of points.",
 )
 ESCAPE = "Seeds that collapse during training escape collapse by the end of training."
 UNIGRAM_STAGE = (
@@ -261,7 +261,7 @@ def escape(row: Row) -> Check:
   return Check(ESCAPE, measured, MIXED, "the share that escapes is not clear of 0.5")
 
 
-def unigram_stage(row: Row, arrays: dict) -> Check:
+def unigram_stage(arrays: dict, mode_token: int) -> Check:
   """Is the model near the unigram prior when collapsed, and collapsed onto its mode?"""
   ok = ~arrays["diverged"].astype(bool)
   collapsed_SxQ = arrays["curve_collapsed"][ok].astype(bool)
@@ -275,19 +275,17 @@ def unigram_stage(row: Row, arrays: dict) -> Check:
 
   kl_collapsed, kl_other = mean_where(collapsed_SxQ), mean_where(~collapsed_SxQ)
   c, o = stats.bootstrap_mean(kl_collapsed), stats.bootstrap_mean(kl_other)
-  at_end = (
-    round(_num(row.collapse_rate) * (row.seeds - row.diverged)) if row.collapse_rate >= 0 else 0
-  )
-  onto = row.collapse_token_is_mode if at_end else 0.0
-  mode = stats.wilson(round(onto * at_end), at_end)
+  tokens_SxQ = arrays["curve_collapse_token"][ok]
+  points = int(collapsed_SxQ.sum())
+  mode = stats.wilson(int((tokens_SxQ[collapsed_SxQ] == mode_token).sum()), points)
   measured = (
     f"unigram KL {_ci(c.estimate, c.low, c.high)} nats when collapsed vs "
-    f"{_ci(o.estimate, o.low, o.high)} otherwise; collapse token is the corpus mode in "
-    f"{_ci(mode.estimate, mode.low, mode.high)} of {at_end} collapsed seeds"
+    f"{_ci(o.estimate, o.low, o.high)} otherwise; collapsed onto the corpus mode at "
+    f"{_ci(mode.estimate, mode.low, mode.high)} of {points} collapsed evaluation points"
   )
   closer, onto_mode = below(c.high, o.low), mode.low > HALF
   if closer and onto_mode:
     return Check(UNIGRAM_STAGE, measured, SUPPORTED, "closer to the prior, onto its mode")
-  if not closer and not mode.high >= HALF:
+  if not closer and mode.high < HALF:
     return Check(UNIGRAM_STAGE, measured, NOT_SUPPORTED, "not closer to the prior, nor its mode")
   return Check(UNIGRAM_STAGE, measured, MIXED, "one sign of the unigram stage, not both")

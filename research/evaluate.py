@@ -72,6 +72,7 @@ class Dynamics:
   loss: jax.Array  # Training-set loss without dropout.
   unigram_kl: jax.Array
   top_token_share: jax.Array
+  collapse_token: jax.Array  # Last token of the probe continuation.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +252,7 @@ def make_evaluate(
       loss=loss,
       unigram_kl=unigram_kl(state),
       top_token_share=metrics.top_token_share(x_PxL, vocab_size),
+      collapse_token=x_PxL[0, -1],
     )
 
   return Evaluators(final=final, dynamics=dynamics)

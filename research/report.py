@@ -205,6 +205,13 @@ def _range(median: float, low: float, high: float) -> str:
   return f"{median:g} [{low:g}, {high:g}]"
 
 
+def _points(epochs: list) -> str:
+  """Evaluation epochs, shortened when many: "0, 10, …, 1000 (101)"."""
+  if len(epochs) <= 6:
+    return ", ".join(str(e) for e in epochs)
+  return f"{epochs[0]}, {epochs[1]}, …, {epochs[-1]} ({len(epochs)})"
+
+
 def dynamics_section(study: workdir.Finished) -> list[str]:
   """Collapse over training, its mechanism, and the rules' findings per cell."""
   rows = list({r.cell: r for r in reversed(study.rows)}.values())[::-1]  # One per cell.
@@ -223,7 +230,7 @@ def dynamics_section(study: workdir.Finished) -> list[str]:
   body = [
     [
       f"`{_md(r.cell)}`",
-      _md(", ".join(str(e) for e in study.cells[r.cell].eval_epochs)),
+      _md(_points(study.cells[r.cell].eval_epochs)),
       _f(r.never_collapsed_share, 2),
       _f(r.escaped_share, 2),
       _f(r.collapsed_at_end_share, 2),
@@ -261,7 +268,10 @@ def dynamics_section(study: workdir.Finished) -> list[str]:
   lines += ["Findings, by the rules below (`research/claims.py`):", ""]
   body = []
   for r in rows:
-    for check in (claims.escape(r), claims.unigram_stage(r, study.of(r))):
+    for check in (
+      claims.escape(r),
+      claims.unigram_stage(study.of(r), study.cells[r.cell].mode_token),
+    ):
       body.append([f"`{_md(r.cell)}`", _md(check.claim), _md(check.measured),
                    f"**{check.verdict}**", _md(check.reason)])  # fmt: skip
   lines += [_table(["cell", "statement", "measured", "verdict", "why"], body, "lllll"), ""]

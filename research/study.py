@@ -302,6 +302,7 @@ def _last_point(evaluation, greedy: str) -> dict:
     loss=evaluation.train.final_loss,
     unigram_kl=evaluation.train.unigram_kl,
     top_token_share=decoded.top_token_share,
+    collapse_token=decoded.collapse_token,
   )
 
 

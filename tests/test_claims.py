@@ -131,12 +131,13 @@ def test_escape_rule(escaped, at_end, verdict):
   assert claims.escape(scenario_row(3, 0)).verdict == claims.UNTESTED  # Never collapsed.
 
 
-def curves(collapsed_SxQ, kl_SxQ):
+def curves(collapsed_SxQ, kl_SxQ, token=1):
   n = len(collapsed_SxQ)
   return dict(
     diverged=np.zeros(n, bool),
     curve_collapsed=np.asarray(collapsed_SxQ, bool),
     curve_unigram_kl=np.asarray(kl_SxQ, float),
+    curve_collapse_token=np.full(np.shape(collapsed_SxQ), token),
   )
 
 
@@ -144,16 +145,12 @@ def test_unigram_stage_rule():
   rng = np.random.default_rng(0)
   collapsed = np.tile([1, 1, 0, 0], (40, 1))  # Collapsed early, then not.
   low_when_collapsed = np.where(collapsed, 0.01, 1.0) + rng.uniform(0, 0.01, collapsed.shape)
-  row = scenario_row(3, 30, seeds=40, collapse_token_is_mode=1.0)
-  assert claims.unigram_stage(row, curves(collapsed, low_when_collapsed)).verdict == (
-    claims.SUPPORTED
-  )
+  onto_mode = curves(collapsed, low_when_collapsed, token=1)
+  assert claims.unigram_stage(onto_mode, mode_token=1).verdict == claims.SUPPORTED
   high_when_collapsed = np.where(collapsed, 1.0, 0.01)
-  off_mode = dataclasses.replace(row, collapse_token_is_mode=0.0)
-  check = claims.unigram_stage(off_mode, curves(collapsed, high_when_collapsed))
-  assert check.verdict == claims.NOT_SUPPORTED
-  assert claims.unigram_stage(off_mode, curves(collapsed, low_when_collapsed)).verdict == (
-    claims.MIXED
-  )
-  never = np.zeros((40, 4))
-  assert claims.unigram_stage(row, curves(never, high_when_collapsed)).verdict == claims.UNTESTED
+  elsewhere = curves(collapsed, high_when_collapsed, token=2)
+  assert claims.unigram_stage(elsewhere, mode_token=1).verdict == claims.NOT_SUPPORTED
+  mixed = curves(collapsed, low_when_collapsed, token=2)
+  assert claims.unigram_stage(mixed, mode_token=1).verdict == claims.MIXED
+  never = curves(np.zeros((40, 4)), high_when_collapsed)
+  assert claims.unigram_stage(never, mode_token=1).verdict == claims.UNTESTED
