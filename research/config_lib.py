@@ -9,7 +9,7 @@ import re
 
 import ml_collections
 
-from research import schema
+from research import data, schema
 from research.schema import ConfigError, validate
 
 __all__ = ["Cell", "ConfigError", "Decoding", "expand_cells", "validate"]
@@ -174,9 +174,11 @@ def training_fingerprint(config: ml_collections.ConfigDict) -> str:
 
 
 def cell_fingerprint(cell: Cell) -> str:
-  """Hash of everything that affects this cell's numbers: not the other cells' scenarios."""
+  """Hash of everything that affects this cell's numbers: its config (not the other cells'
+  scenarios) and the text it trains on, so an edited corpus file is not taken for the old."""
   flat = _without(cell.config, EXECUTION_FIELDS)
   mine = {k: v for k, v in flat.items() if not k.startswith(("study.scenarios", "study.grid."))}
+  mine["corpus_sha256"] = data.corpus_info(cell.config.data).sha256
   payload = json.dumps(mine, sort_keys=True, default=str)
   return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -356,7 +356,7 @@ def cell_done(directory: str, cell: config_lib.Cell) -> bool:
   fingerprint = config_lib.cell_fingerprint(cell)
   if meta.fingerprint != fingerprint:
     logging.warning(
-      "%s was made by another config (fingerprint %s != %s): recomputing the cell",
+      "%s was made by another config or corpus (fingerprint %s != %s): recomputing the cell",
       os.path.join(directory, meta_json), meta.fingerprint, fingerprint,
     )  # fmt: skip
     return False

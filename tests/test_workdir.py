@@ -192,3 +192,19 @@ def test_the_note_replaces_only_its_own_stale_plots(tmp_path):
   assert open(path).read() == "# note"
   assert not (tmp_path / "old.png").exists() and (tmp_path / "new.png").read_bytes() == b"png"
   assert (tmp_path / "mine.png").read_bytes() == b"mine"  # Not written by the tool.
+
+
+def test_an_edited_corpus_file_is_not_taken_for_the_old_one(tmp_path, caplog):
+  corpus = tmp_path / "text.txt"
+  corpus.write_text("the cat sat on the mat and the dog sat on the log")
+  config = tiny_config()
+  config.data.corpus_file = str(corpus)
+  (cell,) = config_lib.expand_cells(config)
+  directory = tmp_path / "w"
+  with opened(directory, config):
+    workdir.write_cell(str(directory), cell, fake_meta(cell), fake_arrays())
+    assert workdir.cell_done(str(directory), cell)
+    corpus.write_text("the cat sat on the mat and the dog sat on the rug")
+    with caplog.at_level(logging.WARNING):
+      assert not workdir.cell_done(str(directory), cell)
+  assert "made by another config" in caplog.text
