@@ -15,10 +15,10 @@ report.md, *.png         the note
 manifest is not a study workdir and is refused.
 """
 
-import contextlib
 import dataclasses
 import glob
 import json
+import logging as std_logging
 import os
 import platform
 import shutil
@@ -40,16 +40,15 @@ from research import train as train_lib
 MANIFEST, LOCK = ".collapse-study.json", ".collapse-study.lock"
 
 
-@contextlib.contextmanager
-def _quiet():
-  """Orbax logs a dozen INFO lines per save or restore: keep only its warnings meanwhile."""
-  logger = logging.get_absl_logger()
-  level = logger.level  # Often NOTSET (inherit): restored as it was, not as its effect.
-  logger.setLevel(logging.WARNING)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
+class _NotOrbax:
+  """Drops orbax's INFO and debug lines (thousands per run), keeping its warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+# Orbax logs through absl's logger; filtering there also covers its background threads.
+logging.get_absl_logger().addFilter(_NotOrbax())
 
 
 CELLS_DIR = "cells"
@@ -383,15 +382,13 @@ def _save_state(directory: str, relpath: str, tree) -> None:
   path = os.path.abspath(os.path.join(directory, relpath))
   if os.path.exists(path):
     shutil.rmtree(path)
-  with _quiet():
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path, tree)
-    checkpointer.wait_until_finished()  # Orbax writes to a temporary folder, then renames it.
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, tree)
+  checkpointer.wait_until_finished()  # Orbax writes to a temporary folder, then renames it.
 
 
 def _restore_state(path: str, abstract):
-  with _quiet():
-    return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
 
 
 def save_models(directory: str, cell_name: str, seeds_S: np.ndarray, state_S) -> None:

@@ -133,6 +133,14 @@ def uninterrupted(tmp_path_factory):
   return config_path, load_per_seed(tmp_path / "ref")
 
 
+def start(cmd, tmp_path):
+  """Starts cmd with its output in a file: an undrained pipe would block it once full."""
+  log = tmp_path / "run.log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=out)
+  return proc, log
+
+
 # When to kill: once a file appears, plus a delay. From compiling to the last cell's training.
 MOMENTS = {
   "compiling": ("config.json", 0.0),
@@ -149,9 +157,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, sig, moment, uninterr
   config_path, reference = uninterrupted
   workdir = tmp_path / "killed"
   cmd = [sys.executable, "run.py", f"--config={config_path}", f"--workdir={workdir}"]
-  proc = subprocess.Popen(
-    cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
+  proc, log = start(cmd, tmp_path)
   marker, delay = MOMENTS[moment]
   deadline = time.time() + 240
   while not (workdir / marker).exists():
@@ -159,7 +165,8 @@ def test_killed_run_resumes_to_identical_results(tmp_path, sig, moment, uninterr
     time.sleep(0.02)
   time.sleep(delay)
   proc.send_signal(sig)
-  _, stderr = proc.communicate(timeout=120)
+  proc.wait(timeout=120)
+  stderr = log.read_text()
   assert not (workdir / "results.json").exists(), "the run finished before it was killed"
   if sig == signal.SIGINT:
     assert proc.returncode == 130, stderr[-3000:]
@@ -230,15 +237,13 @@ def test_a_kill_during_a_1000_epoch_cell_resumes_from_its_last_checkpoint(tmp_pa
   assert reference.returncode == 0, reference.stderr[-3000:]
   workdir = tmp_path / "killed"
   cmd = [sys.executable, "run.py", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]
-  proc = subprocess.Popen(
-    cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
+  proc, _ = start(cmd, tmp_path)
   deadline = time.time() + 240
   while checkpoint_epoch(workdir) < 300:
     assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
     time.sleep(0.02)
   proc.kill()
-  proc.communicate(timeout=60)
+  proc.wait(timeout=60)
   assert not (workdir / "cells" / "default.json").exists()
   resumed = run_tiny(workdir, *overrides)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
