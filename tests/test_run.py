@@ -133,11 +133,18 @@ def uninterrupted(tmp_path_factory):
   return config_path, load_per_seed(tmp_path / "ref")
 
 
+def default_sigint():
+  # A shell that started the tests in the background ignores SIGINT, and children inherit that.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cmd, tmp_path):
   """Starts cmd with its output in a file: an undrained pipe would block it once full."""
   log = tmp_path / "run.log"
   with open(log, "w") as out:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=out)
+    proc = subprocess.Popen(
+      cmd, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=out, preexec_fn=default_sigint
+    )
   return proc, log
 
 
