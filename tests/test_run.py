@@ -133,18 +133,23 @@ def uninterrupted(tmp_path_factory):
   return config_path, load_per_seed(tmp_path / "ref")
 
 
-def default_sigint():
-  # A shell that started the tests in the background ignores SIGINT, and children inherit that.
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# run.py with Python's own SIGINT handler: a shell that started the tests in the background
+# ignores SIGINT, and children inherit that (a preexec_fn would fork a threaded process).
+WITH_SIGINT = (
+  "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+  "sys.argv = sys.argv[1:]; runpy.run_path('run.py', run_name='__main__')"
+)
 
 
 def start(cmd, tmp_path):
-  """Starts cmd with its output in a file: an undrained pipe would block it once full."""
+  """Starts run.py (cmd) with its output in a file: an undrained pipe would block it."""
   log = tmp_path / "run.log"
+  assert cmd[:2] == [sys.executable, "run.py"]
   with open(log, "w") as out:
     proc = subprocess.Popen(
-      cmd, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=out, preexec_fn=default_sigint
-    )
+      [sys.executable, "-c", WITH_SIGINT, *cmd[1:]],
+      cwd=ROOT, env=subprocess_env(), stdout=out, stderr=out,
+    )  # fmt: skip
   return proc, log
 
 
