@@ -24,7 +24,6 @@ import research  # noqa: E402, F401  # Sets the CPU XLA flag before JAX starts. 
 
 import contextlib  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -34,8 +33,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from bench.machine import machine_info  # noqa: E402
 from configs import blog  # noqa: E402
-from research import config_lib, files, programs, schema, workdir  # noqa: E402
+from research import config_lib, files, programs, schema  # noqa: E402
 from research import data as data_lib  # noqa: E402
 from research import model as model_lib  # noqa: E402
 from research import train as train_lib  # noqa: E402
@@ -52,30 +52,7 @@ flags.DEFINE_integer("epochs", 0, "Override train.epochs (0: the scenario's 100)
 flags.DEFINE_string("out", os.path.join(ROOT, "bench", "results.json"), "Where to write results.")
 
 
-# ----------------------------------------------------------------------------- machine
-
-
-def machine_info() -> dict:
-  cpuinfo = {}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:  # The first processor's fields.
-        key, _, value = line.partition(":")
-        cpuinfo.setdefault(key.strip(), value.strip())
-  except OSError:
-    pass
-  simd = sorted(f for f in cpuinfo.get("flags", "").split() if f.startswith(("avx", "fma", "amx")))
-  return dict(
-    cpu_model=cpuinfo.get("model name") or platform.processor(),
-    cpu_mhz=float(cpuinfo["cpu MHz"]) if "cpu MHz" in cpuinfo else None,
-    cpu_simd=simd,
-    cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    memory_gb=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-    **workdir.device_summary(),  # The study's own: backend, device_kind, device_count, ...
-    **workdir.versions(),
-    xla_flags=os.environ.get("XLA_FLAGS", ""),
-  )
+# ----------------------------------------------------------------------------- memory
 
 
 def _rss_bytes() -> int:

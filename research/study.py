@@ -122,6 +122,7 @@ def plan(group: Group, total_rows: int, budget: int) -> Plan:
     )
   cap = group.config.study.max_parallel_seeds or total_rows
   train = min(cap, total_rows, fits_train)
+  train = math.ceil(total_rows / math.ceil(total_rows / train))  # Balanced: 2 x 128, not 220 + 36.
   train = math.ceil(train / ndev) * ndev  # Padding rows are dropped after the call.
   evaluate = min(train, fits_eval // ndev * ndev)
   return Plan(budget=budget, train_seeds=train, eval_seeds=evaluate)

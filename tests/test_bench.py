@@ -52,3 +52,35 @@ def test_quick_bench_writes_results(tmp_path):
   loop = results["loop"]
   for key in ("seeds_per_s", "us_per_step", "roofline_fraction"):
     assert loop[key] > 0, key
+
+
+@pytest.mark.slow
+def test_quick_scale_bench_writes_results(tmp_path):
+  out = tmp_path / "scale.json"
+  env = subprocess_env()
+  env.pop("PYTHONPATH")  # The script must find the repo on its own.
+  proc = subprocess.run(
+    [sys.executable, os.path.join("bench", "scale.py"), "--quick", f"--out={out}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "peak RSS MB" in proc.stdout
+  results = json.loads(out.read_text())
+
+  for key in ("cpu_model", "cpus_usable", "jax", "backend"):
+    assert results["machine"][key], key
+  assert results["settings"]["quick"] is True
+  runs = {r["name"]: r for r in results["runs"]}
+  assert sorted(runs) == ["blog_64", "chars_1000", "chars_3000", "words_500"]
+  for name, r in runs.items():
+    assert r["finished"] and not r["killed"] and not r["timed_out"], (name, r["stderr_tail"])
+    assert r["wall_s"] > 0 and r["peak_rss_mb"] > 0, name
+    assert r["memory_plan"] and all("memory budget 4096 MiB" in p for p in r["memory_plan"]), name
+    assert r["cells"] and all(c["seconds"] > 0 for c in r["cells"].values()), name
+  assert len(runs["blog_64"]["cells"]) == 3
+  assert runs["words_500"]["cells"]["default"]["vocab_size"] == 501  # 500 words + padding.
+  assert results["targets"]["nothing_killed"]["passed"] is True
