@@ -1,4 +1,4 @@
-"""bench/throughput.py runs end to end (--quick) and writes a complete results.json."""
+"""bench/throughput.py and bench/scale.py run end to end (--quick) and write complete results."""
 
 import json
 import os
@@ -9,20 +9,26 @@ import pytest
 from conftest import ROOT, subprocess_env
 
 
-@pytest.mark.slow
-def test_quick_bench_writes_results(tmp_path):
-  out = tmp_path / "results.json"
+def run_quick(script: str, out, timeout: int):
+  """bench/<script> --quick --out=<out>, as a user runs it from the repository root."""
   env = subprocess_env()
   env.pop("PYTHONPATH")  # The script must find the repo on its own.
   proc = subprocess.run(
-    [sys.executable, os.path.join("bench", "throughput.py"), "--quick", f"--out={out}"],
+    [sys.executable, os.path.join("bench", script), "--quick", f"--out={out}"],
     cwd=ROOT,
     env=env,
     capture_output=True,
     text=True,
-    timeout=120,
+    timeout=timeout,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_results(tmp_path):
+  out = tmp_path / "results.json"
+  proc = run_quick("throughput.py", out, timeout=120)
   assert "seeds/s" in proc.stdout
   results = json.loads(out.read_text())
 
@@ -57,17 +63,7 @@ def test_quick_bench_writes_results(tmp_path):
 @pytest.mark.slow
 def test_quick_scale_bench_writes_results(tmp_path):
   out = tmp_path / "scale.json"
-  env = subprocess_env()
-  env.pop("PYTHONPATH")  # The script must find the repo on its own.
-  proc = subprocess.run(
-    [sys.executable, os.path.join("bench", "scale.py"), "--quick", f"--out={out}"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=400,
-  )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  proc = run_quick("scale.py", out, timeout=400)
   assert "peak RSS MB" in proc.stdout
   results = json.loads(out.read_text())
 
