@@ -63,6 +63,12 @@ class Group:
   def config(self):
     return self.cells[0].config
 
+  @property
+  def greedy(self) -> str | None:
+    """The name of the cells' first greedy decoding, if any (it gives the last curve point)."""
+    names = [d.name for d in self.cells[0].decodings if d.generate.strategy == "greedy"]
+    return names[0] if names else None
+
 
 def group_cells(cells: list[config_lib.Cell]) -> list[Group]:
   """One Group per program key, in first-appearance order; datasets and prompts built now."""
@@ -273,7 +279,7 @@ def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, 
       losses.append(np.asarray(_to_host(loss_SxE))[:rows])
       train_s, epoch = train_s + time.time() - t, bound
       progress.epochs(rows, epoch, epochs, t0)
-    reused = bound == epochs and _greedy(group) is not None  # From the final evaluation.
+    reused = bound == epochs and group.greedy is not None  # From the final evaluation.
     if epoch == bound and bound in points[len(curves["loss"]) :] and not reused:
       t = time.time()
       dynamics = _in_parts(group.programs.dynamics, state, rows, eval_seeds)
@@ -288,10 +294,9 @@ def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, 
   return _Trained(state, np.concatenate(losses, axis=1), curves, train_s, eval_s)
 
 
-def _greedy(group: Group) -> str | None:
-  """The name of the cells' first greedy decoding, if any."""
-  names = [d.name for d in group.cells[0].decodings if d.generate.strategy == "greedy"]
-  return names[0] if names else None
+def _budget(config) -> int:
+  """Bytes the study plans for: study.memory_budget_mb, or a safe share when it is 0."""
+  return (config.study.memory_budget_mb << 20) or programs.default_budget()
 
 
 def _last_point(evaluation, greedy: str) -> dict:
@@ -369,8 +374,8 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
     t = time.time()
     evaluation = _in_parts(group.programs.evaluate, trained.state, len(rows), the_plan.eval_seeds)
     eval_seconds = trained.eval_seconds + time.time() - t
-    if _greedy(group) is not None:
-      last = _last_point(evaluation, _greedy(group))
+    if group.greedy is not None:
+      last = _last_point(evaluation, group.greedy)
       trained.curves = {
         k: np.concatenate([v, np.asarray(last[k.removeprefix("curve_")])[:, None]], axis=1)
         for k, v in trained.curves.items()
@@ -457,7 +462,7 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
   pending = [c for c in cells if c.name not in done]
   seed_epochs = sum(c.config.train.epochs for c in pending) * config.study.seeds
   progress = _Progress(len(cells), seed_epochs)
-  budget = (config.study.memory_budget_mb << 20) or programs.default_budget()
+  budget = _budget(config)
   for group in groups:
     for cell in group.cells:
       if cell.name in done:
@@ -496,7 +501,7 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
   cells = config_lib.expand_cells(config)
   groups = group_cells(cells)
   with workdir.open_for_reevaluation(directory, config, corpora(cells)):
-    budget = (config.study.memory_budget_mb << 20) or programs.default_budget()
+    budget = _budget(config)
     for group in groups:
       eval_seeds = plan(group, config.study.seeds, budget).eval_seeds
       for cell in group.cells:
