@@ -1,8 +1,9 @@
 """Runs a collapse study: python run.py --config=configs/blog.py --workdir=runs/blog.
 
 Exit codes: 0 done; 2 a usage or config error (bad flag, config file or value, corpus, prompt);
-1 a runtime failure (workdir refused or locked, a file that cannot be written); 130 interrupted
-(finished cells are kept; the same command resumes).
+1 a runtime failure (workdir refused or locked, a file that cannot be written, another process
+of a --distributed study lost); 130 interrupted (finished cells are kept; the same command
+resumes).
 """
 
 import time
@@ -15,10 +16,10 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from research import config_lib, data, files, report, results, study, workdir  # noqa: E402
+from research import config_lib, data, files, hosts, report, results, study, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Study config file (configs/*.py).")
@@ -30,7 +31,26 @@ flags.DEFINE_bool(
   "Evaluate a finished workdir's saved models again with this config's decodings "
   "(generate.*, study.decodings), without training.",
 )
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Run as one process of a multi-process study (jax.distributed): seeds are sharded over every "
+  "process's devices and process 0 writes the workdir. Without the three flags below JAX reads "
+  "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID or detects the cluster (SLURM, "
+  "Open MPI, TPU pods).",
+)
+flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0.")
+flags.DEFINE_integer(
+  "num_processes", None, "--distributed: how many processes in all.", lower_bound=1
+)
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index.", lower_bound=0)
+flags.DEFINE_integer(
+  "distributed_timeout",
+  120,
+  "--distributed: seconds to wait for every process to join, and for a silent process to be "
+  "declared dead (a process that exits is noticed at once).",
+  lower_bound=1,
+)
 CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
   os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "collapse-study", "jax"
 )
@@ -67,7 +87,51 @@ USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
 def fail(message: str, code: int):
   """Prints one error line and exits (the only place errors are printed)."""
   print(f"error: {message}", file=sys.stderr, flush=True)
+  if FLAGS.is_parsed() and FLAGS.distributed:
+    # jax.distributed's exit handler waits for every process at a shutdown barrier, and
+    # aborts the process with pages of logs when one is gone: leave without it.
+    sys.stdout.flush()
+    os._exit(code)
   sys.exit(code)
+
+
+def start_distributed() -> None:
+  """Joins the processes of a --distributed study (one-line errors when that fails)."""
+  given = [FLAGS[n].present for n in ("coordinator_address", "num_processes", "process_id")]
+  if any(given) and not FLAGS.distributed:
+    fail("--coordinator_address, --num_processes and --process_id need --distributed", USAGE)
+  if not FLAGS.distributed:
+    return
+  if not os.environ.get(hosts.SUPERVISED):
+    # Run the study in a child that this process watches, so a process that JAX's runtime
+    # stops when another dies ends with one line (see hosts.supervise).
+    process = "?" if FLAGS.process_id is None else str(FLAGS.process_id)
+    sys.exit(hosts.supervise([sys.executable, *sys.argv], process))
+  hosts.die_with_parent()
+  if FLAGS.process_id is not None and FLAGS.num_processes is not None:
+    if FLAGS.process_id >= FLAGS.num_processes:
+      fail(
+        f"--process_id={FLAGS.process_id} must be below --num_processes={FLAGS.num_processes}",
+        USAGE,
+      )
+  try:
+    hosts.initialize(
+      FLAGS.coordinator_address,
+      FLAGS.num_processes,
+      FLAGS.process_id,
+      initialization_timeout=FLAGS.distributed_timeout,
+      heartbeat_timeout=FLAGS.distributed_timeout,
+    )
+  except (RuntimeError, ValueError) as e:
+    fail(f"--distributed: cannot join the other processes: {one_line(e)}", RUNTIME)
+  if not hosts.is_writer():
+    logging.set_verbosity(logging.WARNING)  # Process 0 logs the study's progress.
+
+
+def one_line(e: BaseException) -> str:
+  """An exception's first line (XLA's runtime errors run over many)."""
+  lines = str(e).strip().splitlines()
+  return lines[0].strip() if lines else type(e).__name__
 
 
 def config_load_error(e: BaseException) -> str:
@@ -97,8 +161,7 @@ def main(argv):
     config.to_dict()
   except (OSError, AttributeError, SyntaxError, ImportError) as e:
     fail(f"cannot load --config={FLAGS['config'].config_filename}: {config_load_error(e)}", USAGE)
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  start_distributed()
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -107,6 +170,9 @@ def main(argv):
       rows = study.reevaluate_study(config, FLAGS.workdir)
     else:
       rows = study.run_study(config, FLAGS.workdir, FLAGS.overwrite, started=STARTED)
+    if not hosts.is_writer():
+      print(f"process {jax.process_index()}: done; process 0 writes the results in {FLAGS.workdir}")
+      return
     phases = workdir.load(FLAGS.workdir).phases
     t = time.time()
     report.write_report(FLAGS.workdir)
@@ -116,6 +182,15 @@ def main(argv):
     fail(str(e), USAGE)
   except (workdir.WorkdirError, files.WriteError) as e:
     fail(str(e), RUNTIME)
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    if not (FLAGS.distributed and hosts.is_peer_failure(e)):
+      raise
+    fail(
+      f"process {jax.process_index()}: lost contact with another process of the study "
+      f"({one_line(e)}); its log says why. Finished cells are kept in {FLAGS.workdir}: start "
+      "every process again to resume",
+      RUNTIME,
+    )
   except KeyboardInterrupt:
     print(
       f"interrupted: finished cells are kept in {FLAGS.workdir}; run the same command to resume",

@@ -48,11 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.study.scenarios = []  # Named overrides of this config; empty = one "default" cell.
   config.study.grid = ml_collections.ConfigDict()  # Axes, e.g. grid.train.learning_rate=(...).
   config.study.max_parallel_seeds = 0  # Seeds per compiled call at most; 0 = no cap but memory.
-  config.study.memory_budget_mb = 0  # Memory the engine plans chunks for; 0 = a safe share.
+  # Memory each process (host) plans chunks for, shared by its devices; 0 = a safe share: half
+  # of the available host memory, or 70% of the accelerators' memory.
+  config.study.memory_budget_mb = 0
   config.study.save_models = True  # Keep every trained state (orbax, models/<cell>/).
   config.study.checkpoint_seconds = 60.0  # Mid-cell train-state checkpoint interval; 0 = always.
   config.study.epochs_per_call = 10  # Epochs per jitted call, so progress shows while training.
-  config.study.eval_every = 0  # Dynamics every k epochs and at 0 (0: k = epochs / 5).
+  config.study.eval_every = 0  # Dynamics every k epochs and at 0 (0: epochs 0, E/2 and E).
   config.study.decodings = []  # Named generate overrides, each decoding the same trained seeds.
   config.study.claims = ""  # Claims the report checks: "" (none) or "blog" (research/claims.py).
   return config

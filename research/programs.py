@@ -59,11 +59,11 @@ def footprint(config, dataset: data_lib.Dataset, state_bytes: int, prompts: int)
 
 
 def default_budget() -> int:
-  """A safe share of the memory the programs run in: 70% of an accelerator's, else half of
-  the host's available memory."""
-  stats = jax.devices()[0].memory_stats() or {}
+  """A safe share of the memory this process's programs run in: 70% of its accelerators',
+  else half of the host's available memory."""
+  stats = jax.local_devices()[0].memory_stats() or {}
   if jax.default_backend() != "cpu" and stats.get("bytes_limit"):
-    return int(0.7 * stats["bytes_limit"])
+    return int(0.7 * stats["bytes_limit"]) * jax.local_device_count()
   try:
     with open("/proc/meminfo") as f:
       info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}

@@ -1,7 +1,9 @@
 """Scheduling: cells -> programs, seed chunks, sharding, progress; each cell written when done."""
 
 import collections
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -15,7 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from research import config_lib, programs, results, schema, workdir
+from research import config_lib, files, hosts, programs, results, schema, workdir
 from research import data as data_lib
 from research import evaluate as evaluate_lib
 
@@ -32,9 +34,34 @@ def _to_global(x: np.ndarray, sharding: NamedSharding):
 
 
 def _to_host(tree):
+  """Global arrays -> host arrays, whole on every process (per-seed metrics, never states)."""
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
+
+
+@functools.cache
+def _block_rows(size: int):
+  """jit: (tree, lo) -> rows lo..lo+size of every device's block of the seed axis.
+
+  A shard_map, so each device slices its own rows: no train state crosses devices or hosts.
+  """
+
+  def local(tree, lo):
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, lo, size), tree)
+
+  mapped = jax.shard_map(local, mesh=_mesh(), in_specs=(P("seeds"), P()), out_specs=P("seeds"))
+  return jax.jit(mapped)
+
+
+def _rows(tree, start: int, stop: int):
+  """Rows start:stop of a state, sharded over the seed axis again (what a save writes)."""
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(lambda x: x[start:stop], tree)
+  sharding = NamedSharding(_mesh(), P("seeds"))  # Each process then saves its own shards.
+  return jax.jit(
+    lambda t: jax.tree_util.tree_map(lambda x: x[start:stop], t), out_shardings=sharding
+  )(tree)
 
 
 # ----------------------------------------------------------------------------- groups
@@ -115,23 +142,39 @@ class Plan:
 
 
 def plan(group: Group, total_rows: int, budget: int) -> Plan:
-  """The largest chunks under the budget (and study.max_parallel_seeds); refuses if none fit."""
+  """The largest chunks under the budget (and study.max_parallel_seeds); refuses if none fit.
+
+  budget is per process (host): its local devices share it, each holding its block of a
+  chunk's rows, so a study over more hosts trains more seeds per call.
+  """
   ndev = jax.device_count()
   fp = group.programs.footprint
-  fits_train, fits_eval = budget // fp.train, budget // fp.evaluate
-  if min(fits_train, fits_eval) < ndev:
+  per_device = budget // jax.local_device_count()
+  fits_train, fits_eval = per_device // fp.train, per_device // fp.evaluate
+  if min(fits_train, fits_eval) < 1:
     raise workdir.WorkdirError(
       f"study.memory_budget_mb={budget >> 20} is too small for {group.cells[0].name}: one seed "
       f"needs ~{fp.train / 2**20:.1f} MiB to train and ~{fp.evaluate / 2**20:.1f} MiB to "
       f"evaluate ({fp.prompts} prompts, vocabulary {group.dataset.vocab_size}, "
-      f"{ndev} device(s)); raise it, or lower generate.max_prompts"
+      f"{jax.local_device_count()} device(s) per process); raise it, or lower generate.max_prompts"
     )
   cap = group.config.study.max_parallel_seeds or total_rows
-  train = min(cap, total_rows, fits_train)
+  train = min(cap, total_rows, fits_train * ndev)
   train = math.ceil(total_rows / math.ceil(total_rows / train))  # Balanced: 2 x 128, not 220 + 36.
   train = math.ceil(train / ndev) * ndev  # Padding rows are dropped after the call.
-  evaluate = min(train, fits_eval // ndev * ndev)
+  evaluate = min(train, fits_eval * ndev)
   return Plan(budget=budget, train_seeds=train, eval_seeds=evaluate)
+
+
+def check_processes(config) -> None:
+  """Across processes, a cell's seeds must split evenly over all devices (each saved chunk of
+  models is then sharded like the training state, and written by the processes holding it)."""
+  ndev = jax.device_count()
+  if jax.process_count() > 1 and config.study.seeds % ndev:
+    raise schema.ConfigError(
+      f"config.study.seeds={config.study.seeds} must be a multiple of the {ndev} devices of the "
+      f"{jax.process_count()} processes"
+    )
 
 
 def _cell_meta(cell: config_lib.Cell, dataset: data_lib.Dataset, timing, epochs_Q: list):
@@ -207,21 +250,32 @@ def _signature(*parts) -> str:
 
 
 def _in_parts(program, state, rows: int, eval_seeds: int):
-  """program(state) on the first `rows` rows, eval_seeds rows per call, brought to host.
+  """program(state) on the first `rows` rows, at most eval_seeds rows per call, brought to host.
 
-  Every call has the same shape (the last one repeats a row), so one compiled program serves.
+  Each call takes the same rows of every device's block of the seed axis, so states stay
+  where they are; every call has the same shape (the last overlaps the one before it), so one
+  compiled program serves. Needs the state's rows and eval_seeds to split over the devices.
   """
   size = jax.tree_util.tree_leaves(state)[0].shape[0]
   if eval_seeds >= size:
-    parts = [_to_host(program(state))]
-  else:
-    parts = []
-    for a in range(0, rows, eval_seeds):
-      index = np.minimum(np.arange(a, a + eval_seeds), size - 1)
-      part = jax.tree_util.tree_map(lambda x, index=index: x[index], state)
-      parts.append(_to_host(program(part)))
-  joined = jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
-  return jax.tree_util.tree_map(lambda x: x[:rows], joined)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[:rows], _to_host(program(state)))
+  ndev = jax.device_count()
+  block, per_device = size // ndev, eval_seeds // ndev
+  row_of_DxB = np.arange(size).reshape(ndev, block)
+  parts, index = [], []
+  for lo in range(0, block, per_device):
+    lo = min(lo, block - per_device)
+    parts.append(_to_host(program(_block_rows(per_device)(state, lo))))
+    index.append(row_of_DxB[:, lo : lo + per_device].reshape(-1))
+  index = np.concatenate(index)
+
+  def place(*xs):
+    joined = np.concatenate([np.asarray(x) for x in xs])
+    out = np.empty((size, *joined.shape[1:]), joined.dtype)
+    out[index] = joined  # Overlapping rows are written twice with the same values.
+    return out[:rows]
+
+  return jax.tree_util.tree_map(place, *parts)
 
 
 def eval_epochs(config) -> list[int]:
@@ -295,8 +349,10 @@ def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, 
 
 
 def _budget(config) -> int:
-  """Bytes the study plans for: study.memory_budget_mb, or a safe share when it is 0."""
-  return (config.study.memory_budget_mb << 20) or programs.default_budget()
+  """Bytes each process plans for: study.memory_budget_mb, or a safe share when it is 0 (the
+  smallest host's, as every process must cut the same chunks)."""
+  mib = config.study.memory_budget_mb or programs.default_budget() >> 20
+  return hosts.smallest(mib) << 20  # In MiB: JAX's collectives carry 32-bit integers here.
 
 
 def _last_point(evaluation, greedy: str) -> dict:
@@ -330,10 +386,14 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
   the_plan = plan(group, total, budget)
   fingerprints = [config_lib.cell_fingerprint(c) for c in cells]
   group_sig = _signature(config_lib.program_key(cells[0]), fingerprints)
-  record = workdir.latest_checkpoint(directory, group_sig)
+  record = hosts.share(
+    workdir.latest_checkpoint(directory, group_sig) if hosts.is_writer() else None
+  )
   chunk = the_plan.train_seeds
+  ndev = jax.device_count()
   if record and record.get("group") == group_sig and record["chunk"] <= chunk:
-    chunk = record["chunk"]  # Resume with the chunks the checkpoint was made with.
+    if record["chunk"] % ndev == 0:
+      chunk = record["chunk"]  # Resume with the chunks the checkpoint was made with.
   fp = group.programs.footprint
   logging.info(
     "%s: %d cells x %d seeds; memory budget %d MiB -> %d seeds per training call "
@@ -341,9 +401,11 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
     cells[0].name, len(cells), seeds, budget >> 20, chunk, fp.train / 2**20,
     the_plan.eval_seeds, fp.evaluate / 2**20, eval_epochs(config),
   )  # fmt: skip
-  for cell in cells:
-    if cell.name not in done:
-      workdir.remove_models(directory, cell.name)  # Recomputed: no stale chunks of it remain.
+  if hosts.is_writer():
+    for cell in cells:
+      if cell.name not in done:
+        workdir.remove_models(directory, cell.name)  # Recomputed: no stale chunks of it remain.
+  hosts.sync("stale models removed")
   sharding = NamedSharding(_mesh(), P("seeds"))
   buffers = {i: _CellBuffer(seeds) for i, c in enumerate(cells) if c.name not in done}
 
@@ -361,7 +423,7 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
     )
     resume = None
     if record and record["signature"] == sig:
-      resume = workdir.restore_checkpoint(directory, record, state, len(rows))
+      resume = workdir.restore_checkpoint(directory, record, state, len(rows), sharding)
       logging.info(
         "resuming rows %d-%d from their checkpoint at epoch %d", start, rows[-1], record["epoch"]
       )
@@ -387,7 +449,7 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       mine = cell_of[rows] == i
       if config.study.save_models:
         first, last = np.flatnonzero(mine)[[0, -1]]
-        part = jax.tree_util.tree_map(lambda x, a=first, b=last: x[a : b + 1], trained.state)
+        part = _rows(trained.state, first, last + 1)
         workdir.save_models(directory, cells[i].name, seed_of[rows][mine], part)
       share = mine.sum() / len(rows)
       timing = _Timing(seconds * share, trained.train_seconds * share, eval_seconds * share)
@@ -395,8 +457,11 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       if buffers[i].remaining == 0:
         meta = _cell_meta(cells[i], group.dataset, buffers[i].timing, eval_epochs(config))
         progress.cell_done(cells[i].name, buffers[i].timing)
-        workdir.write_cell(directory, cells[i], meta, buffers.pop(i).arrays())
-  workdir.clear_checkpoints(directory, group_sig)
+        arrays = buffers.pop(i).arrays()
+        if hosts.is_writer():
+          workdir.write_cell(directory, cells[i], meta, arrays)
+  if hosts.is_writer():
+    workdir.clear_checkpoints(directory, group_sig)
 
 
 class _Progress:
@@ -446,9 +511,17 @@ def run_study(
   """
   start = started or time.time()
   cells = config_lib.expand_cells(config)
+  check_processes(config)
   groups = group_cells(cells)  # Datasets and prompts now: bad data fails before any training.
-  with workdir.open_for_study(directory, config, overwrite, corpora(cells)):
+  opened = hosts.on_writer(
+    lambda: workdir.open_for_study(directory, config, overwrite, corpora(cells)), _REFUSALS
+  )
+  with opened or contextlib.nullcontext():
     return _run(config, cells, groups, directory, start)
+
+
+# What opening a workdir may raise on process 0, passed on to every process.
+_REFUSALS = (workdir.WorkdirError, files.WriteError, schema.ConfigError)
 
 
 def _run(config, cells, groups, directory: str, start: float) -> list[results.Row]:
@@ -458,7 +531,10 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
     "%d cells x %d seeds in %d compiled program(s) on %s",
     len(cells), config.study.seeds, len(groups), workdir.device_summary(),
   )  # fmt: skip
-  done = {c.name for c in cells if workdir.cell_done(directory, c)}
+  writer = hosts.is_writer()
+  done = set(
+    hosts.share([c.name for c in cells if workdir.cell_done(directory, c)] if writer else None)
+  )
   pending = [c for c in cells if c.name not in done]
   seed_epochs = sum(c.config.train.epochs for c in pending) * config.study.seeds
   progress = _Progress(len(cells), seed_epochs)
@@ -470,6 +546,8 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
         progress.cell_done(cell.name)
     if any(c.name not in done for c in group.cells):
       _run_group(group, done, directory, budget, progress)
+  if not writer:
+    return []  # Process 0 writes the results.
   return workdir.write_results(
     directory, cells, config.study.seeds, time.time() - start,
     _phases(progress.timing, startup, compile_before, time.time() - start),
@@ -499,8 +577,13 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
   """
   start, compile_before = time.time(), _CLOCK.seconds
   cells = config_lib.expand_cells(config)
+  check_processes(config)
   groups = group_cells(cells)
-  with workdir.open_for_reevaluation(directory, config, corpora(cells)):
+  opened = hosts.on_writer(
+    lambda: workdir.open_for_reevaluation(directory, config, corpora(cells)), _REFUSALS
+  )
+  sharding = NamedSharding(_mesh(), P("seeds"))
+  with opened or contextlib.nullcontext():
     budget = _budget(config)
     for group in groups:
       eval_seeds = plan(group, config.study.seeds, budget).eval_seeds
@@ -515,8 +598,8 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
           )
         buffer, done = _CellBuffer(config.study.seeds), 0
         for first, last, path in chunks:
-          state = workdir.load_states(group.programs.trainer, first, last, path)
           num = last - first + 1
+          state = _load_sharded(group.programs.trainer, first, last, path, sharding)
           evaluation = _in_parts(group.programs.evaluate, state, num, eval_seeds)
           kept = {k: v[done : done + num] for k, v in old.train.items() if k.startswith("curve_")}
           trained = _Trained(state, old.train["loss_curve"][done : done + num], kept, 0.0, 0.0)
@@ -525,8 +608,28 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
         t = time.time() - t0
         timing = _Timing(old_meta.seconds + t, old_meta.train_seconds, old_meta.eval_seconds + t)
         meta = _cell_meta(cell, group.dataset, timing, old_meta.eval_epochs)
-        workdir.write_cell(directory, cell, meta, buffer.arrays())
+        arrays = buffer.arrays()
+        if hosts.is_writer():
+          workdir.write_cell(directory, cell, meta, arrays)
         logging.info("re-evaluated %s (%d seeds)", cell.name, done)
+    if not hosts.is_writer():
+      return []
     total = time.time() - start
     phases = dict(evaluate=total, compile=_CLOCK.seconds - compile_before, total=total)
     return workdir.write_results(directory, cells, config.study.seeds, total, phases)
+
+
+def _load_sharded(trainer, first: int, last: int, path: str, sharding):
+  """A saved chunk of states, sharded over the seed axis (padded by its last row to split
+  over the devices: padding rows are evaluated and dropped)."""
+  num, ndev = last - first + 1, jax.device_count()
+  if num % ndev == 0:
+    return workdir.load_states(trainer, first, last, path, sharding)
+  if jax.process_count() > 1:
+    raise workdir.WorkdirError(
+      f"{path} holds {num} seeds, which do not split over {ndev} devices: re-evaluate it with "
+      "a number of devices that divides it (one process, for instance)"
+    )
+  state = workdir.load_states(trainer, first, last, path)
+  index = np.minimum(np.arange(math.ceil(num / ndev) * ndev), num - 1)
+  return jax.device_put(jax.tree_util.tree_map(lambda x: x[index], state), sharding)

@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from research import config_lib, files, results
+from research import config_lib, files, hosts, results
 from research import data as data_lib
 from research import model as model_lib
 from research import train as train_lib
@@ -88,6 +88,8 @@ def _manifest(directory: str) -> set[str]:
 
 def _record(directory: str, *relpaths: str) -> None:
   """Adds written files to the manifest (rewritten atomically when it grows)."""
+  if not hosts.is_writer():  # Every write passes here: a second writer would be a bug.
+    raise WorkdirError(f"only process 0 writes the workdir, not process {jax.process_index()}")
   known = _manifest(directory)
   if set(relpaths) <= known and os.path.exists(os.path.join(directory, MANIFEST)):
     return
@@ -377,11 +379,17 @@ def _set_aside(directory: str, relpaths) -> None:
 
 
 def _save_state(directory: str, relpath: str, tree) -> None:
-  """An orbax checkpoint of a pytree of arrays, recorded in the manifest before it is written."""
-  _record(directory, relpath)
+  """An orbax checkpoint of a pytree of arrays, recorded in the manifest before it is written.
+
+  Called by every process: with several, each writes the shards of the global arrays it holds
+  and orbax's primary host (process 0) the metadata, as orbax does for multi-host.
+  """
   path = os.path.abspath(os.path.join(directory, relpath))
-  if os.path.exists(path):
-    shutil.rmtree(path)
+  if hosts.is_writer():
+    _record(directory, relpath)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+  hosts.sync(f"save {relpath}")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, tree)
   checkpointer.wait_until_finished()  # Orbax writes to a temporary folder, then renames it.
@@ -430,11 +438,21 @@ def _trainer(directory: str, cell_name: str):
   )
 
 
-def load_states(trainer: train_lib.Trainer, first: int, last: int, path: str):
-  """One saved chunk of TrainStates (seeds first..last, seed axis first), on the device."""
+def _sharded(abstract, sharding):
+  """Shapes to restore, each split over the seed axis by `sharding` (None: one device)."""
+  if sharding is None:
+    return abstract
+  return jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
+  )
+
+
+def load_states(trainer: train_lib.Trainer, first: int, last: int, path: str, sharding=None):
+  """One saved chunk of TrainStates (seeds first..last, seed axis first), on the device(s)."""
   num = last - first + 1
   abstract = dict(
-    seeds=jax.ShapeDtypeStruct((num,), np.uint32), state=abstract_states(trainer, num)
+    seeds=jax.ShapeDtypeStruct((num,), np.uint32),
+    state=_sharded(abstract_states(trainer, num), sharding),
   )
   return _restore_state(path, abstract)["state"].from_saved()
 
@@ -479,6 +497,8 @@ def save_checkpoint(directory: str, group: str, checkpoint: Checkpoint, state) -
   relpath = os.path.join(_checkpoint_dir(group), name)
   tree = dict(state=state.to_saved(), loss_SxE=checkpoint.loss_SxE, curves=checkpoint.curves)
   _save_state(directory, relpath, tree)
+  if not hosts.is_writer():
+    return
   record = dict(dataclasses.asdict(checkpoint), loss_SxE=None, path=relpath)
   record["curves"] = {k: [str(v.dtype), v.shape[1]] for k, v in checkpoint.curves.items()}
   _write(directory, os.path.join(_checkpoint_dir(group), "latest.json"), files.write_json, record)
@@ -497,11 +517,12 @@ def latest_checkpoint(directory: str, group: str) -> dict | None:
   return record if os.path.isdir(os.path.join(directory, record.get("path", ""))) else None
 
 
-def restore_checkpoint(directory: str, record: dict, state, rows: int):
-  """(state, loss_SxE, curves) of a checkpoint record; `state` gives the expected shapes."""
+def restore_checkpoint(directory: str, record: dict, state, rows: int, sharding=None):
+  """(state, loss_SxE, curves) of a checkpoint record; `state` gives the expected shapes,
+  `sharding` the seed axis's split over the devices (None: one device)."""
   dtype = jax.numpy.zeros(()).dtype
   abstract = dict(
-    state=jax.eval_shape(lambda s: s.to_saved(), state),
+    state=_sharded(jax.eval_shape(lambda s: s.to_saved(), state), sharding),
     loss_SxE=jax.ShapeDtypeStruct((rows, record["epoch"]), dtype),
     curves={
       k: jax.ShapeDtypeStruct((rows, points), np.dtype(kind))

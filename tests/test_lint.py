@@ -30,7 +30,7 @@ def test_ruff_format():
 
 # The stages from the bottom up (README, Architecture): a module imports only modules before it.
 LAYERS = (
-  "platform", "schema", "files", "stats", "metrics", "lstm", "data", "config_lib", "model",
+  "platform", "hosts", "schema", "files", "stats", "metrics", "lstm", "data", "config_lib", "model",
   "generate", "train", "evaluate", "programs", "results", "workdir", "study", "claims", "plots",
   "report",
 )  # fmt: skip
