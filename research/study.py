@@ -340,7 +340,9 @@ def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, 
       for k, v in vars(dynamics).items():
         curves[k].append(v)
       eval_s += time.time() - t
-    if 0 < epoch < epochs and time.time() - last_save >= config.study.checkpoint_seconds:
+    # Process 0's clock decides: every process must join the same (collective) saves.
+    due = 0 < epoch < epochs and time.time() - last_save >= config.study.checkpoint_seconds
+    if 0 < epoch < epochs and hosts.share(due):
       losses = [np.concatenate(losses, axis=1)]
       save(epoch, state, losses[0], _stacked(curves))
       last_save = time.time()
@@ -392,7 +394,7 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
   chunk = the_plan.train_seeds
   ndev = jax.device_count()
   if record and record.get("group") == group_sig and record["chunk"] <= chunk:
-    if record["chunk"] % ndev == 0:
+    if record["chunk"] % ndev == 0:  # Else it was made with other devices: not resumable.
       chunk = record["chunk"]  # Resume with the chunks the checkpoint was made with.
   fp = group.programs.footprint
   logging.info(

@@ -33,7 +33,7 @@ def test_one_process_writes_and_shares_unchanged():
 
 # Three cells of 4 seeds in one program; a budget of 4 MiB per process trains 3 rows per device
 # per call and evaluates 1, so chunks cross cells, the last one is padded, and evaluation runs
-# in parts, each differently for 1, 2 and 4 processes.
+# in parts, each differently for 1, 2 and 4 processes; checkpoints are saved mid-cell.
 THREE_CELLS = """
 from configs import tiny
 
@@ -44,6 +44,8 @@ def get_config():
   config.study.seeds = 4
   config.study.max_parallel_seeds = 8
   config.study.memory_budget_mb = 4
+  config.study.epochs_per_call = 50
+  config.study.checkpoint_seconds = 0  # A mid-cell checkpoint after every call: collective saves.
   config.study.scenarios = [dict(name="a"), dict(name="b", train=dict(learning_rate=0.01)),
                             dict(name="c", model=dict(dropout=0.0))]
   return config
