@@ -173,7 +173,7 @@ def model_from_config(model_cfg, vocab_size: int) -> LSTMLanguageModel:
     mode=model_cfg.mode,
     keras_init=model_cfg.init == "keras",
     impl=model_cfg.impl,
-    unroll=model_cfg.unroll,
+    unroll=model_cfg.get("unroll", 0),  # Configs recorded before the field: the Python loop.
     param_dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32,
   )
 
