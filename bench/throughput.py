@@ -3,6 +3,7 @@
   python bench/throughput.py          # 1, 64, 256, 1024 seeds; writes bench/results.json
   python bench/throughput.py --seeds=256,1024 --repeats=5
   python bench/throughput.py --quick  # a smoke test: 2 epochs, 1 and 4 seeds
+  python bench/throughput.py --unrolls=0,1 --seeds=256  # only: model.unroll side by side
 
 Measures, in one process on one machine:
   1. vmapped training with the study's own programs (research/programs.py: jit(vmap(init)),
@@ -11,6 +12,8 @@ Measures, in one process on one machine:
      --impl_seeds seeds with model.impl="flax" (nn.RNN), for the fused kernel's own gain;
   2. the loop a user would write: for each seed, for each step, a jitted train.train_step;
   3. the FLOP roofline: analytic model FLOPs per seed and a float32 matmul probe's FLOP/s.
+With --unrolls, only: the study's programs at each model.unroll (the fused recurrence as a
+Python loop or a lax.scan), compiled, then timed in turn (round robin) at each --seeds.
 """
 
 import os
@@ -48,6 +51,8 @@ flags.DEFINE_bool("quick", False, "Smoke test: 2 epochs, 1 and 4 seeds, 1 repeat
 flags.DEFINE_integer("repeats", 3, "Timed runs per seed count (the median is reported).")
 flags.DEFINE_integer("loop_seeds", 10, "Seeds timed for the Python-loop baseline (+1 warm-up).")
 flags.DEFINE_integer("impl_seeds", 256, "Seeds for the fused-vs-flax LSTM comparison.")
+flags.DEFINE_list("unrolls", [], "Only compare these model.unroll values (see the docstring).")
+flags.DEFINE_integer("context_length", 0, "Override data.context_length (0: the scenario's 3).")
 flags.DEFINE_integer("epochs", 0, "Override train.epochs (0: the scenario's 100).")
 flags.DEFINE_string("out", os.path.join(ROOT, "bench", "results.json"), "Where to write results.")
 
@@ -93,10 +98,13 @@ def device_peak_bytes():
 # ----------------------------------------------------------------------------- setup
 
 
-def scenario_cell(epochs: int, impl: str = "fused") -> config_lib.Cell:
+def scenario_cell(epochs: int, impl: str = "fused", unroll: int = 0) -> config_lib.Cell:
   """configs/blog.py's scenario 2 (blog_varied text, lr 1e-3, dropout 0.2, batch 32)."""
   config = blog.get_config()
   config.model.impl = impl
+  config.model.unroll = unroll
+  if FLAGS.context_length:
+    config.data.context_length = FLAGS.context_length
   if epochs:
     config.train.epochs = epochs
   return {c.name: c for c in config_lib.expand_cells(config)}[SCENARIO]
@@ -139,8 +147,8 @@ def flops_per_seed(shape: dict) -> dict:
 # ----------------------------------------------------------------------------- vmapped
 
 
-def time_vmapped(cell: config_lib.Cell, num_seeds: int, repeats: int) -> dict:
-  """Compile the study's programs once, then time whole training runs (init + epoch calls)."""
+def compile_vmapped(cell: config_lib.Cell, num_seeds: int):
+  """The study's programs for num_seeds seeds, compiled: (run() -> (state, losses), compile s)."""
   config = cell.config
   progs = programs.build(config, data_lib.dataset_from_config(config.data), cell.decodings)
   init = progs.init
@@ -158,17 +166,27 @@ def time_vmapped(cell: config_lib.Cell, num_seeds: int, repeats: int) -> dict:
   epoch_c = {n: progs.epochs_program(n).lower(state_shape).compile() for n in set(calls)}
   compile_s = time.perf_counter() - t0
 
+  def run():
+    state = init_c(*args)
+    losses = []
+    for n in calls:
+      state, loss = epoch_c[n](state)
+      losses.append(loss)
+    jax.block_until_ready((state, losses))
+    return state, losses
+
+  return run, compile_s
+
+
+def time_vmapped(cell: config_lib.Cell, num_seeds: int, repeats: int) -> dict:
+  """Compile the study's programs once, then time whole training runs (init + epoch calls)."""
+  run, compile_s = compile_vmapped(cell, num_seeds)
   seconds, mem = [], None
   loss_SxE = None
   for _ in range(repeats):
     with peak_memory() as m:
       t0 = time.perf_counter()
-      state = init_c(*args)
-      losses = []
-      for n in calls:
-        state, loss = epoch_c[n](state)
-        losses.append(loss)
-      jax.block_until_ready((state, losses))
+      state, losses = run()
       seconds.append(time.perf_counter() - t0)
     mem = m if mem is None or m["rss_peak"] > mem["rss_peak"] else mem
     loss_SxE = np.concatenate([np.asarray(x) for x in losses], axis=1)
@@ -187,6 +205,35 @@ def time_vmapped(cell: config_lib.Cell, num_seeds: int, repeats: int) -> dict:
     final_loss_seed0=float(loss_SxE[0, -1]),
     _loss_curve_seed0=loss_SxE[0],
   )
+
+
+def compare_unrolls(epochs: int, num_seeds: int, unrolls: list[int], repeats: int) -> dict:
+  """Each model.unroll's programs compiled, then whole runs timed in turn (round robin, so
+  load changes hit every variant alike); losses and parameters compared with the first's."""
+  runs, compile_s, seconds, outputs = {}, {}, {u: [] for u in unrolls}, {}
+  for u in unrolls:
+    runs[u], compile_s[u] = compile_vmapped(scenario_cell(epochs, unroll=u), num_seeds)
+  for _ in range(repeats):
+    for u in unrolls:
+      t0 = time.perf_counter()
+      state, losses = runs[u]()
+      seconds[u].append(time.perf_counter() - t0)
+      outputs[u] = jax.device_get((state.params, losses))
+  base = unrolls[0]
+  rows = {}
+  for u in unrolls:
+    leaves = jax.tree_util.tree_leaves
+    pairs = list(zip(leaves(outputs[base]), leaves(outputs[u]), strict=True))
+    rows[str(u)] = dict(
+      compile_s=compile_s[u],
+      run_s=seconds[u],
+      run_s_median=float(np.median(seconds[u])),
+      seeds_per_s=num_seeds / float(np.median(seconds[u])),
+      speed_vs_first=float(np.median(seconds[base]) / np.median(seconds[u])),
+      bitwise_equal_to_first=all(np.array_equal(a, b) for a, b in pairs),
+      max_abs_diff_vs_first=max(float(np.max(np.abs(a - b))) for a, b in pairs),
+    )
+  return dict(seeds=num_seeds, repeats=repeats, unroll=rows)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -338,6 +385,34 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def unroll_main(seed_counts, unrolls, repeats, epochs):
+  machine = machine_info()
+  config = scenario_cell(epochs).config
+  results = dict(machine=machine, context_length=config.data.context_length, compared=[])
+  print(
+    f"{machine['cpu_model']} | {machine['cpus_usable']} cores | jax {machine['jax']} | "
+    f"load avg {machine['load_average'][0]:.2f} | scenario {SCENARIO}, "
+    f"T={config.data.context_length}, {config.train.epochs} epochs"
+  )
+  print(f"{'seeds':>5} {'unroll':>6} {'compile s':>9} {'train s':>8} {'seeds/s':>8} "
+        f"{'vs first':>8} {'bitwise':>7} {'max |diff|':>10}")  # fmt: skip
+  for num_seeds in seed_counts:
+    r = compare_unrolls(epochs, num_seeds, unrolls, repeats)
+    results["compared"].append(r)
+    for u, row in r["unroll"].items():
+      print(
+        f"{num_seeds:>5} {u:>6} {row['compile_s']:>9.1f} {row['run_s_median']:>8.2f} "
+        f"{row['seeds_per_s']:>8.1f} {row['speed_vs_first']:>7.3f}x "
+        f"{str(row['bitwise_equal_to_first']):>7} {row['max_abs_diff_vs_first']:>10.2e}",
+        flush=True,
+      )
+  results["load_average_end"] = list(os.getloadavg())
+  print(f"load avg at the end {results['load_average_end'][0]:.2f}")
+  results["command"] = " ".join(["python", "bench/throughput.py", *sys.argv[1:]])
+  files.write_json(FLAGS.out, results)
+  print(f"results in {FLAGS.out}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -345,6 +420,9 @@ def main(argv):
   seed_counts = [1, 4] if quick else [int(s) for s in FLAGS.seeds]
   repeats = 1 if quick else FLAGS.repeats
   epochs = FLAGS.epochs or (2 if quick else 0)
+  if FLAGS.unrolls:
+    unroll_main(seed_counts, [int(u) for u in FLAGS.unrolls], repeats, epochs)
+    return
   cell = scenario_cell(epochs)
   config = cell.config
   dataset = data_lib.dataset_from_config(config.data)

@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mode = "last"  # "last": predict from the last state (blog); "all": every step.
   config.model.init = "keras"  # "keras": Keras defaults as in the blog; "flax": flax defaults.
   config.model.impl = "fused"  # LSTM: "fused" (custom-VJP kernel, fast on CPU) or "flax" (nn.RNN).
+  config.model.unroll = 0  # Fused LSTM's T steps: 0 = Python loop; k >= 1 = lax.scan, k a trip.
 
   config.train = ml_collections.ConfigDict()
   config.train.optimizer = "adam"  # "adam", "sgd" or "rmsprop".

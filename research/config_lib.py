@@ -23,6 +23,9 @@ EXECUTION_FIELDS = (
   "study.save_models",
   "study.checkpoint_seconds",
 )
+# Fields added after workdirs were written, with the value that reproduces the older code: at
+# that value they are left out of fingerprints, so those workdirs still match their configs.
+ADDED_FIELDS = {"model.unroll": 0}
 # Fields that change no array shape: traced, so cells differing only here share one program.
 TRACED_FIELDS = ("train.learning_rate", "model.dropout")
 
@@ -157,7 +160,11 @@ def expand_cells(config: ml_collections.ConfigDict) -> list[Cell]:
 
 def _without(config, paths) -> dict:
   flat = flatten(config.to_dict())
-  return {k: v for k, v in flat.items() if k not in paths}
+  return {
+    k: v
+    for k, v in flat.items()
+    if k not in paths and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])
+  }
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:

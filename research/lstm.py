@@ -5,6 +5,8 @@ tests/test_lstm.py); the backward passes are written out because the vmapped aut
 slow on CPU (a scatter-add for the lookup; padded, per-gate gradients for the recurrence).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -38,58 +40,142 @@ class LSTMWeights:
   bias_4H: jax.Array
 
 
-def _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H):
+def _gates(z_Bx4H, hidden):
+  """The activated gates i, f, g, o of one step's pre-activations (nn.OptimizedLSTMCell's)."""
+  i, f, g, o = (z_Bx4H[:, k * hidden : (k + 1) * hidden] for k in range(4))
+  return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+
+
+def _loop_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H):
+  """The recurrence as a Python loop: T steps unrolled into the program at trace time."""
   hidden = kernel_h_Hx4H.shape[0]
   c_BxH = h_BxH = None
   steps = []
   for t in range(xproj_TxBx4H.shape[0]):
     # As flax's cell: (h @ W_h + b) + x @ W_i; at step 0, h = 0 and h @ W_h is exactly zero.
     rec_Bx4H = bias_4H if h_BxH is None else h_BxH @ kernel_h_Hx4H + bias_4H
-    z_Bx4H = rec_Bx4H + xproj_TxBx4H[t]
-    i, f, g, o = (z_Bx4H[:, k * hidden : (k + 1) * hidden] for k in range(4))
-    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    i, f, g, o = _gates(rec_Bx4H + xproj_TxBx4H[t], hidden)
     c_prev = c_BxH
     c_BxH = i * g if c_prev is None else f * c_prev + i * g
     tanh_c = jnp.tanh(c_BxH)
     h_BxH = o * tanh_c
     steps.append((i, f, g, o, c_prev, tanh_c, h_BxH))
-  h_TxBxH = jnp.stack([s[-1] for s in steps])
+  return jnp.stack([s[-1] for s in steps]), steps
+
+
+def _scan_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, unroll: int):
+  """The same steps, step 0 (zero carry) written out and steps 1..T-1 in a lax.scan.
+
+  The residuals are the loop's, with steps 1..T-1 stacked along a leading time axis.
+  """
+  hidden = kernel_h_Hx4H.shape[0]
+  i, f, g, o = _gates(bias_4H + xproj_TxBx4H[0], hidden)
+  c_BxH = i * g
+  tanh_c = jnp.tanh(c_BxH)
+  h_BxH = o * tanh_c
+  first = (i, f, g, o, None, tanh_c, h_BxH)
+
+  def step(carry, x_Bx4H):
+    c_prev, h_prev = carry
+    i, f, g, o = _gates(h_prev @ kernel_h_Hx4H + bias_4H + x_Bx4H, hidden)
+    c_BxH = f * c_prev + i * g
+    tanh_c = jnp.tanh(c_BxH)
+    h_BxH = o * tanh_c
+    return (c_BxH, h_BxH), (i, f, g, o, c_prev, tanh_c, h_BxH)
+
+  _, rest = jax.lax.scan(step, (c_BxH, h_BxH), xproj_TxBx4H[1:], unroll=unroll)
+  h_TxBxH = jnp.concatenate([h_BxH[None], rest[-1]])
+  return h_TxBxH, (first, rest)
+
+
+def _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, unroll=0):
+  if unroll:
+    h_TxBxH, steps = _scan_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, unroll)
+  else:
+    h_TxBxH, steps = _loop_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H)
   # A transposed copy for the backward's dh = da @ W_h^T: XLA's CPU matmul is much slower
   # on a transposed operand than on a row-major one (the barrier stops XLA folding it back).
   kernel_h_T_4HxH = jax.lax.optimization_barrier(kernel_h_Hx4H.T)
   return h_TxBxH, (kernel_h_T_4HxH, h_TxBxH, steps)
 
 
-@jax.custom_vjp
-def lstm_recurrence(kernel_h_Hx4H, bias_4H, xproj_TxBx4H):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lstm_recurrence(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, unroll=0):
   """nn.OptimizedLSTMCell over time from a zero carry, given x @ W_i: h at every step, TxBxH.
 
   Same math as flax's cell, with a hand-written backward: gate gradients are concatenated
   (autodiff pads and adds them) and dW_h is one matmul over all steps.
+
+  unroll: 0 runs the T steps as a Python loop, unrolled into the program (its size and
+  compile time grow with T); k >= 1 runs steps 1..T-1 forward and backward in a lax.scan
+  with k steps per loop iteration (the program's size barely grows with T). Both run the
+  same operations in the same order; XLA may fuse them differently, so they agree to float
+  rounding (bit for bit in the blog's T=3 programs; tests/test_lstm.py, bench/README.md).
   """
-  return _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H)[0]
+  return _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, unroll)[0]
 
 
-def _recurrence_bwd(residuals, dh_TxBxH):
-  kernel_h_T_4HxH, h_TxBxH, steps = residuals
+def _step_bwd(dh, dc_next, i, f, g, o, c_prev, tanh_c):
+  """One step's d(pre-activations) Bx4H and dc, given dh and the next step's dc (or None)."""
+  dc = dh * o * (1.0 - tanh_c * tanh_c)
+  dc = dc if dc_next is None else dc + dc_next
+  # d(pre-activation) = d(activation) * sigmoid' (a(1 - a)) or tanh' (1 - a^2).
+  di = dc * g * i * (1.0 - i)
+  df = jnp.zeros_like(dc) if c_prev is None else dc * c_prev * f * (1.0 - f)
+  dg = dc * i * (1.0 - g * g)
+  do = dh * tanh_c * o * (1.0 - o)
+  return jnp.concatenate([di, df, dg, do], axis=-1), dc
+
+
+def _loop_bwd(kernel_h_T_4HxH, steps, dh_TxBxH):
   dh_next = dc_next = None
   da_T = []
   for t in reversed(range(len(steps))):
     i, f, g, o, c_prev, tanh_c, _ = steps[t]
     dh = dh_TxBxH[t] if dh_next is None else dh_TxBxH[t] + dh_next
-    dc = dh * o * (1.0 - tanh_c * tanh_c)
-    dc = dc if dc_next is None else dc + dc_next
-    # d(pre-activation) = d(activation) * sigmoid' (a(1 - a)) or tanh' (1 - a^2).
-    di = dc * g * i * (1.0 - i)
-    df = jnp.zeros_like(dc) if c_prev is None else dc * c_prev * f * (1.0 - f)
-    dg = dc * i * (1.0 - g * g)
-    do = dh * tanh_c * o * (1.0 - o)
-    da_Bx4H = jnp.concatenate([di, df, dg, do], axis=-1)
+    da_Bx4H, dc = _step_bwd(dh, dc_next, i, f, g, o, c_prev, tanh_c)
     da_T.append(da_Bx4H)
     if t > 0:
       dh_next = da_Bx4H @ kernel_h_T_4HxH
       dc_next = dc * f
-  da_TxBx4H = jnp.stack(da_T[::-1])
+  return jnp.stack(da_T[::-1])
+
+
+def _scan_bwd(kernel_h_T_4HxH, steps, dh_TxBxH, unroll: int):
+  """_loop_bwd's steps: T-1 written out, T-2..1 in a reversed lax.scan, then step 0."""
+  first, rest = steps
+  num_steps = dh_TxBxH.shape[0]
+
+  def step(dh_next, dc_next, dh_t, residuals):
+    i, f, g, o, c_prev, tanh_c, _ = residuals
+    dh = dh_t if dh_next is None else dh_t + dh_next
+    da_Bx4H, dc = _step_bwd(dh, dc_next, i, f, g, o, c_prev, tanh_c)
+    return da_Bx4H, da_Bx4H @ kernel_h_T_4HxH, dc * f
+
+  if num_steps == 1:
+    return step(None, None, dh_TxBxH[0], first)[0][None]
+  last = jax.tree_util.tree_map(lambda x: x[-1], rest)
+  da_last, dh_next, dc_next = step(None, None, dh_TxBxH[-1], last)
+
+  def scan_step(carry, xs):
+    dh_t, residuals = xs
+    da_Bx4H, dh_next, dc_next = step(*carry, dh_t, residuals)
+    return (dh_next, dc_next), da_Bx4H
+
+  middle = (dh_TxBxH[1:-1], jax.tree_util.tree_map(lambda x: x[:-1], rest))
+  (dh_next, dc_next), da_mid = jax.lax.scan(
+    scan_step, (dh_next, dc_next), middle, reverse=True, unroll=unroll
+  )
+  da_0 = _step_bwd(dh_TxBxH[0] + dh_next, dc_next, *first[:4], None, first[5])[0]
+  return jnp.concatenate([da_0[None], da_mid, da_last[None]])
+
+
+def _recurrence_bwd(unroll, residuals, dh_TxBxH):
+  kernel_h_T_4HxH, h_TxBxH, steps = residuals
+  if unroll:
+    da_TxBx4H = _scan_bwd(kernel_h_T_4HxH, steps, dh_TxBxH, unroll)
+  else:
+    da_TxBx4H = _loop_bwd(kernel_h_T_4HxH, steps, dh_TxBxH)
   dkernel_h = jnp.einsum("tbh,tbg->hg", h_TxBxH[:-1], da_TxBx4H[1:])
   return dkernel_h, da_TxBx4H.sum(axis=(0, 1)), da_TxBx4H
 

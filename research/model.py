@@ -98,6 +98,7 @@ class LSTMLanguageModel(nn.Module):
   mode: str = "last"
   keras_init: bool = True  # Keras defaults (the blog's); else flax defaults.
   impl: str = "fused"  # "fused": research/lstm.py; "flax": nn.RNN(nn.OptimizedLSTMCell).
+  unroll: int = 0  # "fused" only: 0 = a Python loop over T; k >= 1 = lax.scan, k steps a trip.
   param_dtype: jnp.dtype = jnp.float32  # float64 when JAX runs with --jax_enable_x64.
 
   @nn.compact
@@ -155,7 +156,7 @@ class LSTMLanguageModel(nn.Module):
         xproj_TxBx4H = lstm.lookup(embed.embedding, tokens_TxB) @ w.kernel_i_Ix4H
       else:
         xproj_TxBx4H = h_TxBxH @ w.kernel_i_Ix4H
-      h_TxBxH = lstm.lstm_recurrence(w.kernel_h_Hx4H, w.bias_4H, xproj_TxBx4H)
+      h_TxBxH = lstm.lstm_recurrence(w.kernel_h_Hx4H, w.bias_4H, xproj_TxBx4H, self.unroll)
     if lengths_B is None:
       h_BxH = h_TxBxH[-1]
     else:  # The state after each row's last valid token, as nn.RNN(seq_lengths=...) returns.
@@ -172,6 +173,7 @@ def model_from_config(model_cfg, vocab_size: int) -> LSTMLanguageModel:
     mode=model_cfg.mode,
     keras_init=model_cfg.init == "keras",
     impl=model_cfg.impl,
+    unroll=model_cfg.get("unroll", 0),  # Configs recorded before the field: the Python loop.
     param_dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32,
   )
 

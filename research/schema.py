@@ -74,6 +74,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(_finite(m.dropout) and 0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
   _one_of("model.mode", m.mode, MODES)
   _one_of("model.impl", m.impl, IMPLS)
+  _int_at_least(m, "model", "unroll", 0, "an int >= 0 (0 = a Python loop over the T steps)")
   _one_of("model.init", m.init, INITS)
   _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
   _check(_finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", "> 0",

@@ -1,4 +1,5 @@
-"""bench/throughput.py and bench/scale.py run end to end (--quick) and write complete results."""
+"""The bench scripts (throughput.py, scale.py, compile_time.py) run end to end (--quick) and
+write complete results."""
 
 import json
 import os
@@ -80,3 +81,18 @@ def test_quick_scale_bench_writes_results(tmp_path):
   assert len(runs["blog_64"]["cells"]) == 3
   assert runs["words_500"]["cells"]["default"]["vocab_size"] == 501  # 500 words + padding.
   assert results["targets"]["nothing_killed"]["passed"] is True
+
+
+@pytest.mark.slow
+def test_quick_compile_time_bench_times_each_stage(tmp_path):
+  out = tmp_path / "compile.json"
+  proc = run_quick("compile_time.py", out, timeout=120)
+  assert "HLO ops" in proc.stdout
+  results = json.loads(out.read_text())
+  assert results["machine"]["jax"]
+  assert [r["program"] for r in results["rows"]] == ["init", "epochs"]
+  for r in results["rows"]:
+    assert r["context_length"] == 3
+    for key in ("trace_s", "lower_s", "compile_s"):
+      assert r[key] >= 0, key
+    assert r["total_s"] > 0 and r["stablehlo_ops"] > 0 and r["hlo_ops"] > 0

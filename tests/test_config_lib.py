@@ -76,6 +76,17 @@ def test_invalid_scenario_and_grid_values_name_the_cell():
     config_lib.expand_cells(config)
 
 
+def test_fields_added_later_keep_older_fingerprints_at_their_old_value():
+  config = tiny_config()
+  base = config_lib.fingerprint(config), config_lib.training_fingerprint(config)
+  older = tiny_config()
+  del older.model["unroll"]  # A config written before model.unroll existed.
+  assert (config_lib.fingerprint(older), config_lib.training_fingerprint(older)) == base
+  config.model.unroll = 2
+  assert config_lib.fingerprint(config) != base[0]
+  assert config_lib.training_fingerprint(config) != base[1]
+
+
 def test_fingerprint_ignores_execution_fields_only():
   base = config_lib.fingerprint(tiny_config())
   assert config_lib.fingerprint(tiny_config(max_parallel_seeds=2, epochs_per_call=1)) == base

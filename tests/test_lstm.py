@@ -1,8 +1,11 @@
 """The fused kernels equal plain autodiff: the lookup and the LSTM recurrence, values and VJPs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from research import lstm
 
@@ -23,22 +26,26 @@ def reference_recurrence(kernel_h_Hx4H, bias_4H, xproj_TxBx4H):
   return jax.lax.scan(step, (zeros_BxH, zeros_BxH), xproj_TxBx4H)[1]
 
 
-def test_recurrence_values_and_gradients_match_autodiff():
-  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
-  hidden, steps, batch = 6, 4, 5
+def random_problem(steps: int, hidden: int = 6, batch: int = 5, seed: int = 0):
+  """(kernel_h, bias, xproj) and weights for a scalar loss sum(h * weights)."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
   kernel_h_Hx4H = jax.random.normal(k1, (hidden, 4 * hidden)) * 0.5
   bias_4H = jax.random.normal(k2, (4 * hidden,)) * 0.5
   xproj_TxBx4H = jax.random.normal(k3, (steps, batch, 4 * hidden))
   weights_TxBxH = jax.random.normal(k4, (steps, batch, hidden))
-  args = (kernel_h_Hx4H, bias_4H, xproj_TxBx4H)
-  np.testing.assert_allclose(
-    lstm.lstm_recurrence(*args), reference_recurrence(*args), rtol=1e-5, atol=1e-6
-  )
+  return (kernel_h_Hx4H, bias_4H, xproj_TxBx4H), weights_TxBxH
+
+
+@pytest.mark.parametrize("unroll", [0, 1, 2])
+def test_recurrence_values_and_gradients_match_autodiff(unroll):
+  args, weights_TxBxH = random_problem(steps=4)
+  fused = functools.partial(lstm.lstm_recurrence, unroll=unroll)
+  np.testing.assert_allclose(fused(*args), reference_recurrence(*args), rtol=1e-5, atol=1e-6)
 
   def loss(fn):
     return lambda *a: jnp.sum(fn(*a) * weights_TxBxH)
 
-  ours = jax.grad(loss(lstm.lstm_recurrence), argnums=(0, 1, 2))(*args)
+  ours = jax.grad(loss(fused), argnums=(0, 1, 2))(*args)
   ref = jax.grad(loss(reference_recurrence), argnums=(0, 1, 2))(*args)
   for a, b in zip(ours, ref, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -52,3 +59,45 @@ def test_lookup_gradient_is_a_segment_sum():
   ours = jax.grad(lambda t: jnp.sum(lstm.lookup(t, tokens_TxB) * weights))(table_VxD)
   ref = jax.grad(lambda t: jnp.sum(t[tokens_TxB] * weights))(table_VxD)
   np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def value_and_grads(unroll: int, args, weights_TxBxH):
+  def loss(*a):
+    return jnp.sum(lstm.lstm_recurrence(*a, unroll) * weights_TxBxH)
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 7])
+def test_scan_and_python_loop_compute_the_same_steps(steps):
+  """unroll >= 1 (lax.scan) runs the Python loop's (unroll=0) operations in the same order:
+  the same h and gradients up to XLA's fusion choices, whatever the scan's unroll factor.
+
+  (With the study's full XLA optimisation the blog's T=3 programs are bit for bit equal; these
+  tests compile with most optimisations off, which fuses the two differently.)
+  """
+  args, weights_TxBxH = random_problem(steps, seed=steps)
+  loop_loss, loop_grads = value_and_grads(0, args, weights_TxBxH)
+  h_loop = lstm.lstm_recurrence(*args, 0)
+  for unroll in (1, 2, 3):
+    np.testing.assert_allclose(lstm.lstm_recurrence(*args, unroll), h_loop, rtol=1e-6, atol=1e-7)
+    scan_loss, scan_grads = value_and_grads(unroll, args, weights_TxBxH)
+    np.testing.assert_allclose(scan_loss, loop_loss, rtol=1e-6)
+    for a, b in zip(scan_grads, loop_grads, strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_scan_program_size_does_not_grow_with_steps():
+  """The point of unroll >= 1: the lowered program of 16 steps is about as large as that of 4."""
+
+  def ops(unroll, steps):
+    args, weights_TxBxH = random_problem(steps)
+
+    def loss(*a):
+      return jnp.sum(lstm.lstm_recurrence(*a, unroll) * weights_TxBxH)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).as_text()
+    return sum(1 for line in text.splitlines() if " = " in line)
+
+  assert ops(1, 16) == ops(1, 4)
+  assert ops(0, 16) > 3 * ops(0, 4) // 2

@@ -76,3 +76,12 @@ def test_dropout_with_a_traced_rate():
   assert 0.4 < float(jnp.mean(dropped == 0)) < 0.6
   np.testing.assert_allclose(dropped[dropped != 0], 2.0)
   np.testing.assert_array_equal(model.dropout(x, 0.5, None), x)
+
+
+def test_model_from_a_config_recorded_before_model_unroll_runs_the_python_loop():
+  recorded = tiny_config().model
+  del recorded["unroll"]
+  assert model.model_from_config(recorded, 7).unroll == 0
+  config = tiny_config()
+  config.model.unroll = 2
+  assert model.model_from_config(config.model, 7).unroll == 2
