@@ -115,9 +115,9 @@ def test_processes_give_the_results_of_one(tmp_path, three_cells, processes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dies", [1, 0], ids=["worker_dies", "writer_dies"])
+@pytest.mark.parametrize("dies, resume_with", [(1, 1), (0, 2)], ids=["worker_dies", "writer_dies"])
 def test_a_dead_process_stops_the_others_with_one_line_and_the_study_resumes(
-  tmp_path, three_cells, dies
+  tmp_path, three_cells, dies, resume_with
 ):
   config_path, reference = three_cells
   w, logs_dir = tmp_path / "w", tmp_path / "logs"
@@ -144,7 +144,7 @@ def test_a_dead_process_stops_the_others_with_one_line_and_the_study_resumes(
   assert waited < 90
   assert not (w / "results.json").exists()
   assert (w / "cells" / "a.json").exists()  # Finished cells stay; the rest is recomputed.
-  run_study(config_path, w, 2, tmp_path)
+  run_study(config_path, w, resume_with, tmp_path)  # With as many processes, or with one.
   assert_same_results(reference, load_per_seed(w))
 
 
