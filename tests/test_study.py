@@ -41,6 +41,7 @@ def test_blog_study_outputs(blog_workdir):
   assert len(csv_lines) == 4 and csv_lines[0].startswith("label,scenario,")
 
 
+@pytest.mark.slow  # Whole studies compiled twice: ~10-20 s each with an empty cache.
 def test_grid_shares_programs_and_matches_single_cells(tmp_path):
   config = grid_config()
   cells = config_lib.expand_cells(config)
@@ -64,6 +65,7 @@ def test_grid_shares_programs_and_matches_single_cells(tmp_path):
     )
 
 
+@pytest.mark.slow  # Whole studies compiled twice: ~10-20 s each with an empty cache.
 def test_seed_chunks_give_identical_results(tmp_path):
   whole = grid_config()
   study.run_study(whole, str(tmp_path / "whole"))
@@ -144,6 +146,7 @@ def test_reevaluation_decodes_saved_models_again_without_training(tmp_path):
     study.reevaluate_study(config, str(tmp_path))
 
 
+@pytest.mark.slow  # Whole studies compiled twice: ~10-20 s each with an empty cache.
 def test_a_cell_killed_mid_training_resumes_from_its_checkpoint(tmp_path, monkeypatch, caplog):
   config = tiny_config(epochs_per_call=1, checkpoint_seconds=0.0)
   config.train.epochs = 6
@@ -169,6 +172,7 @@ def test_a_cell_killed_mid_training_resumes_from_its_checkpoint(tmp_path, monkey
   assert not os.listdir(tmp_path / "killed" / "checkpoints")  # Dropped once the cell is done.
 
 
+@pytest.mark.slow  # Whole studies compiled twice: ~10-20 s each with an empty cache.
 def test_evaluation_in_small_chunks_equals_one_pass(tmp_path):
   corpus = tmp_path / "words.txt"
   rng = np.random.default_rng(0)
@@ -198,6 +202,7 @@ def test_an_impossible_memory_budget_is_refused_before_training(tmp_path):
   assert not os.listdir(tmp_path / "cells")
 
 
+@pytest.mark.slow  # Whole studies compiled twice: ~10-20 s each with an empty cache.
 def test_evaluation_during_training_leaves_the_final_results_unchanged(tmp_path):
   config = tiny_config(eval_every=1)
   rows = study.run_study(config, str(tmp_path / "every"))
