@@ -124,22 +124,24 @@ def supervise(argv: list[str], process: str) -> int:
   aborted by JAX's coordination client (it runs in C++ threads: Python cannot catch it) with
   pages of logs; the supervisor prints one line instead. Everything else passes through.
   """
-  child = subprocess.Popen(
-    argv, env=dict(os.environ, **{SUPERVISED: "1"}), stderr=subprocess.PIPE, text=True,
-    errors="replace",
-  )  # fmt: skip
+  env = dict(os.environ, **{SUPERVISED: str(os.getpid())})  # The child knows its supervisor.
+  child = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
   # Ctrl-C reaches the child too (same process group) and it saves and exits; a scheduler's
   # SIGTERM is passed on.
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  handlers = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)
   signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
   held = []
-  for line in child.stderr:
-    if held or _ABORT_START.match(line):
-      held.append(line)
-    else:
-      sys.stderr.write(line)
-      sys.stderr.flush()
-  code = child.wait()
+  try:
+    for line in child.stderr:
+      if held or _ABORT_START.match(line):
+        held.append(line)
+      else:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    code = child.wait()
+  finally:
+    signal.signal(signal.SIGINT, handlers[0])
+    signal.signal(signal.SIGTERM, handlers[1])
   if _ABORT_MARK in "".join(held) and code != 0:
     print(
       f"error: process {process}: lost contact with another process of the study (JAX's "
@@ -159,5 +161,5 @@ def die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG.
-    if os.getppid() == 1:  # The supervisor died before prctl.
+    if str(os.getppid()) != os.environ[SUPERVISED]:  # The supervisor died before prctl.
       os._exit(1)

@@ -31,6 +31,33 @@ def test_one_process_writes_and_shares_unchanged():
     hosts.on_writer(refuse, (workdir.WorkdirError,))
 
 
+# What JAX's coordination client prints when it aborts a process whose peer died.
+ABORT = r"""
+import os, sys
+print("progress line", file=sys.stderr, flush=True)
+print("E1127 07:05:53.618672 27972 coordination_service_agent.cc:289] Polled an error",
+      file=sys.stderr)
+print("F1127 07:05:53.618819 27972 client.h:80] Terminating process because the JAX "
+      "distributed service detected fatal errors.", file=sys.stderr)
+print("*** Check failure stack trace: ***", file=sys.stderr, flush=True)
+assert os.environ["COLLAPSE_STUDY_SUPERVISED"] == str(os.getppid())
+os.abort()
+"""
+
+
+def test_the_supervisor_turns_jax_abort_into_one_line_and_passes_the_rest(capfd):
+  before = signal.getsignal(signal.SIGINT)
+  assert hosts.supervise([sys.executable, "-c", ABORT], "1") == 1
+  err = capfd.readouterr().err
+  assert "progress line" in err and "Check failure" not in err and "F1127" not in err
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith("error: process 1: lost contact"), err
+  assert signal.getsignal(signal.SIGINT) is before  # Restored after the child ended.
+  failing = "import sys; print('E1127 x client.h:1] other', file=sys.stderr); sys.exit(3)"
+  assert hosts.supervise([sys.executable, "-c", failing], "0") == 3  # Not an abort: as is.
+  assert "client.h:1] other" in capfd.readouterr().err
+
+
 # Three cells of 4 seeds in one program; a budget of 4 MiB per process trains 3 rows per device
 # per call and evaluates 1, so chunks cross cells, the last one is padded, and evaluation runs
 # in parts, each differently for 1, 2 and 4 processes; checkpoints are saved mid-cell.
