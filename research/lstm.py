@@ -46,6 +46,15 @@ def _gates(z_Bx4H, hidden):
   return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
+def _step_fwd(z_Bx4H, c_prev, hidden):
+  """One step from its pre-activations and the previous cell (None at step 0, a zero carry):
+  (the new cell, the step's residuals i, f, g, o, c_prev, tanh_c, h)."""
+  i, f, g, o = _gates(z_Bx4H, hidden)
+  c_BxH = i * g if c_prev is None else f * c_prev + i * g
+  tanh_c = jnp.tanh(c_BxH)
+  return c_BxH, (i, f, g, o, c_prev, tanh_c, o * tanh_c)
+
+
 def _loop_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H):
   """The recurrence as a Python loop: T steps unrolled into the program at trace time."""
   hidden = kernel_h_Hx4H.shape[0]
@@ -54,12 +63,9 @@ def _loop_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H):
   for t in range(xproj_TxBx4H.shape[0]):
     # As flax's cell: (h @ W_h + b) + x @ W_i; at step 0, h = 0 and h @ W_h is exactly zero.
     rec_Bx4H = bias_4H if h_BxH is None else h_BxH @ kernel_h_Hx4H + bias_4H
-    i, f, g, o = _gates(rec_Bx4H + xproj_TxBx4H[t], hidden)
-    c_prev = c_BxH
-    c_BxH = i * g if c_prev is None else f * c_prev + i * g
-    tanh_c = jnp.tanh(c_BxH)
-    h_BxH = o * tanh_c
-    steps.append((i, f, g, o, c_prev, tanh_c, h_BxH))
+    c_BxH, residuals = _step_fwd(rec_Bx4H + xproj_TxBx4H[t], c_BxH, hidden)
+    h_BxH = residuals[-1]
+    steps.append(residuals)
   return jnp.stack([s[-1] for s in steps]), steps
 
 
@@ -69,22 +75,15 @@ def _scan_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, unroll: int):
   The residuals are the loop's, with steps 1..T-1 stacked along a leading time axis.
   """
   hidden = kernel_h_Hx4H.shape[0]
-  i, f, g, o = _gates(bias_4H + xproj_TxBx4H[0], hidden)
-  c_BxH = i * g
-  tanh_c = jnp.tanh(c_BxH)
-  h_BxH = o * tanh_c
-  first = (i, f, g, o, None, tanh_c, h_BxH)
+  c_BxH, first = _step_fwd(bias_4H + xproj_TxBx4H[0], None, hidden)
 
   def step(carry, x_Bx4H):
     c_prev, h_prev = carry
-    i, f, g, o = _gates(h_prev @ kernel_h_Hx4H + bias_4H + x_Bx4H, hidden)
-    c_BxH = f * c_prev + i * g
-    tanh_c = jnp.tanh(c_BxH)
-    h_BxH = o * tanh_c
-    return (c_BxH, h_BxH), (i, f, g, o, c_prev, tanh_c, h_BxH)
+    c_BxH, residuals = _step_fwd(h_prev @ kernel_h_Hx4H + bias_4H + x_Bx4H, c_prev, hidden)
+    return (c_BxH, residuals[-1]), residuals
 
-  _, rest = jax.lax.scan(step, (c_BxH, h_BxH), xproj_TxBx4H[1:], unroll=unroll)
-  h_TxBxH = jnp.concatenate([h_BxH[None], rest[-1]])
+  _, rest = jax.lax.scan(step, (c_BxH, first[-1]), xproj_TxBx4H[1:], unroll=unroll)
+  h_TxBxH = jnp.concatenate([first[-1][None], rest[-1]])
   return h_TxBxH, (first, rest)
 
 
