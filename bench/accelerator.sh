@@ -1,40 +1,55 @@
 #!/usr/bin/env bash
-# One command for a GPU (or TPU) machine: the blog study cold and warm, the throughput bench at
-# 1k/8k/32k seeds, and the whole test suite; prints one table and writes bench/accelerator/.
+# One command for a GPU (or TPU) machine: the blog study cold and warm, both test tiers, the
+# throughput bench at 1k/8k/32k seeds, the train step's profile at 32k seeds (in that order);
+# prints one table and writes bench/accelerator/.
 #
 #   bash bench/accelerator.sh            # from the repository root, with the package installed
 #   (pip install -e '.[cuda,test]'; the machine needs ml-collections and orbax-checkpoint too)
 #
+# Environment: PYTHON (default python3); OUT_DIR (default bench/accelerator); PYTEST_ARGS, e.g.
+# "-n 8" with pytest-xdist (GPU memory is then allocated on demand, not preallocated per
+# process); TIME_BUDGET, seconds for all the steps together (default 3600): each step gets
+# what is left, and a step that ran out shows exit 124 in the table.
 # Timings name the device; compare figures only within one run of this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
 out=${OUT_DIR:-bench/accelerator}
+deadline=$((SECONDS + ${TIME_BUDGET:-3600}))
 mkdir -p "$out"
 export XDG_CACHE_HOME="$out/cache"  # A fresh compilation cache: the first blog run is cold.
 rm -rf "$XDG_CACHE_HOME" "$out/blog_cold" "$out/blog_warm"
-device=$(python -c "import jax; d = jax.devices()[0]; print(jax.default_backend(), d.device_kind)")
+device=$($py -c "import jax; d = jax.devices()[0]; print(jax.default_backend(), d.device_kind)")
 
 timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its log in $out/NAME.log
   local name=$1; shift
-  local start=$SECONDS
-  "$@" >"$out/$name.log" 2>&1
+  local start=$SECONDS left=$((deadline - SECONDS))
+  if ((left < 10)); then echo "$name 0 skipped" >>"$out/times.txt"; return; fi
+  timeout "$left" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   echo "$name $((SECONDS - start)) $rc" >>"$out/times.txt"
 }
 : >"$out/times.txt"
-timed blog_cold python run.py --config=configs/blog.py --workdir="$out/blog_cold"
-timed blog_warm python run.py --config=configs/blog.py --workdir="$out/blog_warm"
-timed bench python bench/throughput.py --seeds=1024,8192,32768 --repeats=3 --loop_seeds=3 \
+timed blog_cold $py run.py --config=configs/blog.py --workdir="$out/blog_cold"
+timed blog_warm $py run.py --config=configs/blog.py --workdir="$out/blog_warm"
+# shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments.
+timed tests_fast env XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-}
+# shellcheck disable=SC2086
+timed tests_slow env XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider -m slow \
+  ${PYTEST_ARGS:-}
+timed bench $py bench/throughput.py --seeds=1024,8192,32768 --repeats=3 --loop_seeds=3 \
   --impl_seeds=8192 --out="$out/throughput.json"
-timed tests_fast python -m pytest -q -p no:cacheprovider
-timed tests_slow python -m pytest -q -p no:cacheprovider -m slow
+timed profile $py bench/profile.py --seeds=32768 --variants=fused,fused:tf32 --out="$out/profile.json"
 
-python - "$out" "$device" <<'PY'
+$py - "$out" "$device" <<'PY'
 import json, os, sys
 out, device = sys.argv[1], sys.argv[2]
-times = {n: (int(s), int(rc)) for n, s, rc in (l.split() for l in open(f"{out}/times.txt"))}
+times = {}
+for line in open(f"{out}/times.txt"):
+  name, seconds, rc = line.split()
+  times[name] = (seconds, rc)
 print(f"device: {device}")
-print(f"{'step':<12} {'wall s':>7} {'exit':>5}  detail")
+print(f"{'step':<12} {'wall s':>7} {'exit':>7}  detail")
 for name, (seconds, rc) in times.items():
   detail = ""
   if name.startswith("blog"):
@@ -47,8 +62,12 @@ for name, (seconds, rc) in times.items():
     r = json.load(open(f"{out}/throughput.json"))
     detail = "; ".join(f"{v['seeds']} seeds {v['seeds_per_s']:.0f}/s" for v in r["vmapped"])
     detail += f"; fused vs flax x{r['impl']['fused_speedup']:.2f}"
-  if name.startswith("tests"):
+  if name == "profile" and os.path.exists(f"{out}/profile.json"):
+    r = json.load(open(f"{out}/profile.json"))
+    detail = "; ".join(f"{v['variant']} {v['seeds_per_s_100_epochs']:.0f} seeds/s"
+                       for v in r["results"])
+  if name.startswith("tests") and rc != "skipped":
     lines = open(f"{out}/{name}.log").read().strip().splitlines()
     detail = lines[-1] if lines else ""
-  print(f"{name:<12} {seconds:>7} {rc:>5}  {detail}")
+  print(f"{name:<12} {seconds:>7} {rc:>7}  {detail}")
 PY

@@ -25,7 +25,7 @@ EXECUTION_FIELDS = (
 )
 # Fields added after workdirs were written, with the value that reproduces the older code: at
 # that value they are left out of fingerprints, so those workdirs still match their configs.
-ADDED_FIELDS = {"model.unroll": 0}
+ADDED_FIELDS = {"model.unroll": 0, "model.matmul_precision": "float32"}
 # Fields that change no array shape: traced, so cells differing only here share one program.
 TRACED_FIELDS = ("train.learning_rate", "model.dropout")
 

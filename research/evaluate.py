@@ -194,10 +194,12 @@ def make_evaluate(
 ) -> Evaluators:
   """The per-seed evaluations of one cell's config; windows in chunks of window_chunk."""
   model = model_lib.model_from_config(config.model, dataset.vocab_size)
-  inputs_NxT, targets = train_lib.split_window(jnp.asarray(dataset.windows_NxW), config.model.mode)
+  # Host arrays sliced on the host: an eager jnp op here would compile a program of its own.
+  inputs_NxT, targets = map(
+    jnp.asarray, train_lib.split_window(dataset.windows_NxW, config.model.mode)
+  )
   contexts_CxT = jnp.asarray(dataset.distinct_contexts_CxT)
-  next_N = dataset.windows_NxW[:, -1]
-  unigram_V = metrics.unigram_distribution(jnp.asarray(next_N), dataset.vocab_size)
+  next_N = jnp.asarray(dataset.windows_NxW[:, -1])
   prompts_PxT, lengths_P = generate_lib.prepare_prompts(
     choose_prompts(config, dataset).ids, dataset.context_length
   )
@@ -210,6 +212,8 @@ def make_evaluate(
     return lambda inputs_BxT: model.apply({"params": state.params}, inputs_BxT)
 
   def unigram_kl(state):
+    unigram_V = metrics.unigram_distribution(next_N, vocab_size)  # Traced: constant-folded.
+
     def kl_rows(contexts_BxT):
       logits = model.apply({"params": state.params}, contexts_BxT)
       logits_BxV = logits if logits.ndim == 2 else logits[:, -1]

@@ -3,8 +3,11 @@
 Continuations are PxL (prompts x generated tokens). Definitions: ../shared/DESIGN.md.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 # Collapse classes of a seed's collapsed-at-each-evaluation curve (collapse_class); the names
@@ -273,3 +276,28 @@ def collapse_class(collapsed_SxQ) -> jax.Array:
   return jnp.where(
     collapsed_SxQ[:, -1], COLLAPSED_AT_END, jnp.where(ever_S, ESCAPED, NEVER_COLLAPSED)
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseTiming:
+  """collapse_class, onset_epoch and escape_epoch of every seed, as host arrays."""
+
+  class_S: np.ndarray
+  onset_S: np.ndarray
+  escape_S: np.ndarray
+
+
+@jax.jit
+def _collapse_timing(collapsed_SxQ, epochs_Q):
+  return (
+    collapse_class(collapsed_SxQ),
+    onset_epoch(collapsed_SxQ, epochs_Q),
+    escape_epoch(collapsed_SxQ, epochs_Q),
+  )
+
+
+def collapse_timing(collapsed_SxQ, epochs_Q) -> CollapseTiming:
+  """The three per-seed dynamics of a finished cell in one compiled program (host callers:
+  called eagerly, each jnp op above would compile a program of its own)."""
+  out = _collapse_timing(np.asarray(collapsed_SxQ, bool), np.asarray(epochs_Q))
+  return CollapseTiming(*(np.asarray(x) for x in out))

@@ -126,8 +126,8 @@ def plot_onset_escape(rows: list[Row], study: workdir.Finished) -> Figure:
   onset_ax, escape_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
   for i, row, curve_SxQ, epochs_Q in _curves(rows, study, "curve_collapsed"):
     edges = np.concatenate([epochs_Q, [epochs_Q[-1] + 1]]) - 0.5
-    for ax, fn in ((onset_ax, metrics.onset_epoch), (escape_ax, metrics.escape_epoch)):
-      values = np.asarray(fn(curve_SxQ, epochs_Q))
+    timing = metrics.collapse_timing(curve_SxQ, epochs_Q)
+    for ax, values in ((onset_ax, timing.onset_S), (escape_ax, timing.escape_S)):
       values = values[values >= 0]
       if values.size:
         counts, _ = np.histogram(values, bins=edges)

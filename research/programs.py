@@ -5,6 +5,7 @@ footprint estimates what one seed costs in memory, from which the study picks ch
 """
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -72,6 +73,21 @@ def default_budget() -> int:
     return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def at_precision(fn, precision: str):
+  """fn, traced with every matmul at this precision (forward, backward and custom VJPs)."""
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.default_matmul_precision(precision):
+      return fn(*args)
+
+  return traced
+
+
+def matmul_precision(config) -> str:
+  return config.model.get("matmul_precision", "float32")  # Configs recorded before the field.
+
+
 @dataclasses.dataclass
 class Programs:
   """jit(vmap(...)) of the per-seed functions; inputs and outputs have the seed axis first."""
@@ -81,13 +97,14 @@ class Programs:
   evaluate: callable  # TrainState -> evaluate.Evaluation
   dynamics: callable  # TrainState -> evaluate.Dynamics (at evaluation points in training)
   footprint: Footprint
+  precision: str = "float32"
   _run_epochs: dict = dataclasses.field(default_factory=dict)
 
   def epochs_program(self, num_epochs: int):
     """The jitted state -> (state, losses SxE) of num_epochs epochs; the state is donated."""
     if num_epochs not in self._run_epochs:
       run = jax.vmap(lambda s: self.trainer.run_epochs(s, num_epochs))
-      self._run_epochs[num_epochs] = jax.jit(run, donate_argnums=0)
+      self._run_epochs[num_epochs] = jax.jit(at_precision(run, self.precision), donate_argnums=0)
     return self._run_epochs[num_epochs]
 
   def run_epochs(self, state: train_lib.TrainState, num_epochs: int):
@@ -114,10 +131,12 @@ def build(
   )
   fp = footprint(config, dataset, state_bytes, prompts)
   evaluators = evaluate_lib.make_evaluate(config, dataset, decodings, fp.window_chunk)
+  precision = matmul_precision(config)
   return Programs(
     trainer=trainer,
-    init=jax.jit(jax.vmap(init_one)),
-    evaluate=jax.jit(jax.vmap(evaluators.final)),
-    dynamics=jax.jit(jax.vmap(evaluators.dynamics)),
+    init=jax.jit(at_precision(jax.vmap(init_one), precision)),
+    evaluate=jax.jit(at_precision(jax.vmap(evaluators.final), precision)),
+    dynamics=jax.jit(at_precision(jax.vmap(evaluators.dynamics), precision)),
     footprint=fp,
+    precision=precision,
   )

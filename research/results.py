@@ -193,9 +193,8 @@ def dynamics_fields(meta: CellMeta, a: dict, ok: np.ndarray) -> dict:
   """Onset, escape and collapse classes from the curve_collapsed evaluation points."""
   curve_SxQ = a["curve_collapsed"].astype(bool)
   epochs_Q = np.asarray(meta.eval_epochs)
-  classes = np.asarray(metrics.collapse_class(curve_SxQ))
-  onset = np.asarray(metrics.onset_epoch(curve_SxQ, epochs_Q))
-  escape = np.asarray(metrics.escape_epoch(curve_SxQ, epochs_Q))
+  timing = metrics.collapse_timing(curve_SxQ, epochs_Q)
+  classes, onset, escape = timing.class_S, timing.onset_S, timing.escape_S
   onset_m, onset_lo, onset_hi = _quartiles(onset[ok & (onset >= 0)])
   escape_m, escape_lo, escape_hi = _quartiles(escape[ok & (escape >= 0)])
   return dict(

@@ -14,6 +14,9 @@ TOKENIZATIONS = ("char", "word")
 MODES = ("last", "all")  # "last": predict from the last state; "all": at every position.
 IMPLS = ("fused", "flax")  # LSTM recurrence: the custom-VJP kernel, or nn.RNN(OptimizedLSTMCell).
 INITS = ("keras", "flax")
+# Matmul precision (jax.default_matmul_precision's names). float32 is exact float32 on every
+# backend; GPUs would otherwise use tensorfloat32 and TPUs bfloat16 passes for float32 inputs.
+PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 STRATEGIES = ("greedy", "temperature", "top_k", "top_p")
 CLAIM_SETS = ("", "blog")  # "" checks none; "blog": research/claims.py on scenarios 1-3.
@@ -76,6 +79,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of("model.impl", m.impl, IMPLS)
   _int_at_least(m, "model", "unroll", 0, "an int >= 0 (0 = a Python loop over the T steps)")
   _one_of("model.init", m.init, INITS)
+  _one_of("model.matmul_precision", m.get("matmul_precision", "float32"), PRECISIONS)
   _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
   _check(_finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", "> 0",
          t.learning_rate)  # fmt: skip

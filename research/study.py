@@ -54,14 +54,21 @@ def _block_rows(size: int):
   return jax.jit(mapped)
 
 
+@functools.cache
+def _slice_rows(size: int, sharded: bool):
+  """jit: (tree, start) -> rows start..start+size of every leaf (one program for the whole
+  tree: sliced eagerly, each leaf's shape would compile a program of its own)."""
+
+  def rows(tree, start):
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), tree)
+
+  # Sharded over the seed axis again, so each process then saves its own shards.
+  return jax.jit(rows, out_shardings=NamedSharding(_mesh(), P("seeds")) if sharded else None)
+
+
 def _rows(tree, start: int, stop: int):
-  """Rows start:stop of a state, sharded over the seed axis again (what a save writes)."""
-  if jax.process_count() == 1:
-    return jax.tree_util.tree_map(lambda x: x[start:stop], tree)
-  sharding = NamedSharding(_mesh(), P("seeds"))  # Each process then saves its own shards.
-  return jax.jit(
-    lambda t: jax.tree_util.tree_map(lambda x: x[start:stop], t), out_shardings=sharding
-  )(tree)
+  """Rows start:stop of a state (what a save writes)."""
+  return _slice_rows(stop - start, jax.process_count() > 1)(tree, start)
 
 
 # ----------------------------------------------------------------------------- groups

@@ -1,5 +1,5 @@
-"""The bench scripts (throughput.py, scale.py, compile_time.py) run end to end (--quick) and
-write complete results."""
+"""The bench scripts (throughput.py, scale.py, compile_time.py, profile.py) run end to end
+(--quick) and write complete results."""
 
 import json
 import os
@@ -13,7 +13,8 @@ from conftest import ROOT, subprocess_env
 def run_quick(script: str, out, timeout: int):
   """bench/<script> --quick --out=<out>, as a user runs it from the repository root."""
   env = subprocess_env()
-  env.pop("PYTHONPATH")  # The script must find the repo on its own.
+  paths = env["PYTHONPATH"].split(os.pathsep)  # The script must find the repo on its own.
+  env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p and os.path.abspath(p) != ROOT)
   proc = subprocess.run(
     [sys.executable, os.path.join("bench", script), "--quick", f"--out={out}"],
     cwd=ROOT,
@@ -96,3 +97,18 @@ def test_quick_compile_time_bench_times_each_stage(tmp_path):
     for key in ("trace_s", "lower_s", "compile_s"):
       assert r[key] >= 0, key
     assert r["total_s"] > 0 and r["stablehlo_ops"] > 0 and r["hlo_ops"] > 0
+
+
+@pytest.mark.slow
+def test_quick_profile_sums_kernel_time_by_source_line(tmp_path):
+  out = tmp_path / "profile.json"
+  run_quick("profile.py", out, timeout=120)
+  results = json.loads(out.read_text())
+  assert [r["variant"] for r in results["results"]] == ["fused", "fused:tf32"]
+  for row in results["results"]:
+    assert row["seeds"] == 8 and row["seeds_per_s_100_epochs"] > 0
+    profile = row["profile"]
+    assert profile["total_ms"] > 0 and profile["kernels_per_step"] > 0
+    # Kernels are traced back to the model's source: the LSTM's lines are among the top.
+    assert any(r["source"].startswith(("lstm.py", "model.py")) for r in profile["top"])
+    assert sum(profile["by_source"].values()) <= profile["total_ms"] + 1e-6

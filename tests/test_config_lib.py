@@ -80,11 +80,14 @@ def test_fields_added_later_keep_older_fingerprints_at_their_old_value():
   config = tiny_config()
   base = config_lib.fingerprint(config), config_lib.training_fingerprint(config)
   older = tiny_config()
-  del older.model["unroll"]  # A config written before model.unroll existed.
+  del older.model["unroll"]  # A config written before model.unroll existed...
+  del older.model["matmul_precision"]  # ...or model.matmul_precision.
   assert (config_lib.fingerprint(older), config_lib.training_fingerprint(older)) == base
-  config.model.unroll = 2
-  assert config_lib.fingerprint(config) != base[0]
-  assert config_lib.training_fingerprint(config) != base[1]
+  for field, value in (("unroll", 2), ("matmul_precision", "tensorfloat32")):
+    changed = tiny_config()
+    changed.model[field] = value
+    assert config_lib.fingerprint(changed) != base[0]
+    assert config_lib.training_fingerprint(changed) != base[1]
 
 
 def test_fingerprint_ignores_execution_fields_only():

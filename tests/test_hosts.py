@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, assert_same_results, load_per_seed, subprocess_env
+from conftest import ROOT, SIMULATED_HOSTS, assert_same_results, load_per_seed, subprocess_env
 
 from research import hosts, workdir
 
@@ -94,7 +94,8 @@ def start(config_path, workdir_path, processes: int, logs_dir):
       cmd += ["--distributed", f"--coordinator_address=127.0.0.1:{port}"]
       cmd += [f"--num_processes={processes}", f"--process_id={i}", "--distributed_timeout=60"]
     with open(os.path.join(logs_dir, f"process_{i}.log"), "w") as log:
-      procs.append(subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=log))
+      env = subprocess_env(**SIMULATED_HOSTS)
+      procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log))
   return procs
 
 
@@ -201,7 +202,9 @@ def test_a_refusal_on_process_0_stops_every_process_with_its_line(tmp_path, thre
 def run_py(*args):
   """run.py outside any cluster JAX could detect (SLURM, Open MPI, a coordinator address)."""
   env = {
-    k: v for k, v in subprocess_env().items() if not k.startswith(("JAX_COORD", "SLURM", "OMPI"))
+    k: v
+    for k, v in subprocess_env(**SIMULATED_HOSTS).items()
+    if not k.startswith(("JAX_COORD", "SLURM", "OMPI"))
   }
   cmd = [sys.executable, "run.py", "--config=configs/tiny.py", *args]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

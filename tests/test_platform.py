@@ -35,10 +35,11 @@ def test_importing_research_sets_the_flag_before_jax_starts():
   code = "import os, research, jax; jax.devices();print(os.environ['XLA_FLAGS'])"
   out = subprocess.run(
     [sys.executable, "-c", code],
-    env=subprocess_env(XLA_FLAGS="--xla_cpu_use_fusion_emitters=true"),
+    env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"),
     capture_output=True, text=True, timeout=120, cwd=ROOT, check=True,
   )  # fmt: skip
-  assert out.stdout.split() == ["--xla_cpu_use_fusion_emitters=true", platform.CPU_SCHEDULER_FLAG]
+  flags = ["--xla_force_host_platform_device_count=1", platform.CPU_SCHEDULER_FLAG]
+  assert out.stdout.split() == flags
 
 
 # Without the flag this program parks every XLA thread forever on jaxlib 0.10 (measured here);

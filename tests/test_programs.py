@@ -1,5 +1,7 @@
 """The study's compiled programs: seed-vmapped init, epochs in pieces, evaluation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,3 +27,25 @@ def test_programs_equal_the_per_seed_functions():
   evaluation = progs.evaluate(state)
   assert evaluation.train.final_loss.shape == (3,)
   assert evaluation.decodings["greedy"].tail_period_P.shape[0] == 3
+
+
+def dot_precisions(lowered) -> set[str]:
+  """The precision of every dot_general in a lowered program's StableHLO."""
+  return set(re.findall(r"dot_general.*precision = \[(\w+), \w+\]", lowered.as_text()))
+
+
+def test_every_matmul_runs_at_the_configured_precision():
+  """Forward, backward (the fused LSTM's custom VJP too) and evaluation: float32 unless the
+  config asks for less, whatever JAX's global default (a GPU's is tensorfloat32)."""
+  (cell,) = config_lib.expand_cells(tiny_config())
+  dataset = data.dataset_from_config(cell.config.data)
+  seeds, lrs, dropouts = jnp.arange(2), jnp.full(2, 1e-2), jnp.full(2, 0.2)
+  expected = {"float32": "HIGHEST", "tensorfloat32": "HIGH", "bfloat16": "DEFAULT"}
+  with jax.default_matmul_precision("bfloat16"):  # A global default the config overrides.
+    for precision, stablehlo in expected.items():
+      config = cell.config.copy_and_resolve_references()
+      config.model.matmul_precision = precision
+      progs = programs.build(config, dataset, cell.decodings)
+      state = jax.eval_shape(progs.init, seeds, lrs, dropouts)
+      for program in (progs.epochs_program(1), progs.evaluate, progs.dynamics):
+        assert dot_precisions(program.lower(state)) == {stablehlo}, (precision, program)

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_same_results, load_per_seed, subprocess_env
+from conftest import ROOT, SIMULATED_HOSTS, assert_same_results, load_per_seed, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -113,9 +113,9 @@ def run_py(config_path, workdir, *extra, env=None):
 
 def test_four_host_devices_match_one_device(tmp_path):
   config_path = write_config(tmp_path, seeds=6)  # 6 seeds x 3 cells: padded to 4 devices.
-  one = run_py(config_path, tmp_path / "one")
+  one = run_py(config_path, tmp_path / "one", env=subprocess_env(**SIMULATED_HOSTS))
   assert one.returncode == 0, one.stderr[-3000:]
-  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", **SIMULATED_HOSTS)
   four = run_py(config_path, tmp_path / "four", env=env)
   assert four.returncode == 0, four.stderr[-3000:]
   devices = json.loads((tmp_path / "four" / "config.json").read_text())["devices"]

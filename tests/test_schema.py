@@ -15,6 +15,7 @@ INVALID = [
   ("model.dropout", -0.1, "config.model.dropout must be in [0, 1)"),
   ("model.impl", "cudnn", "config.model.impl must be one of ['fused', 'flax']"),
   ("model.unroll", -1, "config.model.unroll must be an int >= 0 (0 = a Python loop over the T"),
+  ("model.matmul_precision", "tf32", "config.model.matmul_precision must be one of ['float32', "),
   ("train.batch_size", 0, "config.train.batch_size must be an int in [1, 2147483647], got 0"),
   ("train.epochs", 0, "config.train.epochs must be an int in [1, "),
   ("study.seeds", 0, "config.study.seeds must be an int in [1, "),

@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -72,7 +73,7 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
     pass
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["fingerprint"] == config_lib.fingerprint(tiny_config())
-  assert saved["versions"]["jax"] and saved["devices"]["backend"] == "cpu"
+  assert saved["versions"]["jax"] and saved["devices"]["backend"] == jax.default_backend()
   assert "xla_cpu_enable_concurrency_optimized_scheduler=false" in saved["xla_flags"]
   # Execution-only fields don't change results, so they don't count as another config.
   with opened(tmp_path, tiny_config(max_parallel_seeds=2)):

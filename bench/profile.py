@@ -1,0 +1,315 @@
+"""Where a training step's device time goes: the study's train program, traced and summed.
+
+  python bench/profile.py --seeds=32768              # on a GPU: the tables below, top 25
+  python bench/profile.py --quick                    # smoke test (CPU too): 8 seeds, 1 epoch
+  python bench/profile.py --variants=fused,fused:tf32,fused:unroll1,flax
+
+For each variant of configs/blog.py's scenario 2 (model.impl, model.unroll, matmul_precision),
+compiles the study's own train program (research/programs.py) for --epochs epochs at --seeds
+seeds, times --repeats calls (seeds/s for the scenario's 100 epochs), then runs one more call
+under jax.profiler and sums the device's kernel time by XLA instruction, mapped to the source
+line that instruction came from (the optimised HLO's metadata). Every variant starts from the
+same initial state; their losses are compared with the first variant's.
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+# XLA:GPU replays a step's kernels as one command buffer (a CUDA graph), which the profiler
+# sees as a single event: off here, so each kernel is timed on its own.
+if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+  flags_ = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = f"{flags_} --xla_gpu_enable_command_buffer=".strip()
+
+import research  # noqa: E402, F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
+
+import collections  # noqa: E402
+import dataclasses  # noqa: E402
+import glob  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from bench.machine import machine_info  # noqa: E402
+from configs import blog  # noqa: E402
+from research import config_lib, programs  # noqa: E402
+from research import data as data_lib  # noqa: E402
+
+SCENARIO = "2_varied_lr1e-3_do0.2"
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("seeds", 32768, "Seeds trained in parallel.")
+flags.DEFINE_integer("epochs", 10, "Epochs per timed call (the study's epochs_per_call).")
+flags.DEFINE_integer("repeats", 3, "Timed calls per variant (the median is reported).")
+flags.DEFINE_list(
+  "variants",
+  ["fused", "fused:tf32"],
+  "impl[:tf32|:bf16][:unrollK]: model.impl, model.matmul_precision (float32 unless named), "
+  "model.unroll.",
+)
+flags.DEFINE_integer("top", 25, "Rows of the per-instruction table.")
+flags.DEFINE_bool("trace", True, "Profile one call per variant (else only time them).")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_bool("quick", False, "Smoke test: 8 seeds, 1 epoch, 1 repeat.")
+
+PRECISIONS = {"tf32": "tensorfloat32", "bf16": "bfloat16"}  # model.matmul_precision values.
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  impl: str
+  unroll: int
+  precision: str  # model.matmul_precision.
+
+
+def parse_variant(text: str) -> Variant:
+  impl, *opts = text.split(":")
+  unroll, precision = 0, "float32"
+  for opt in opts:
+    if opt.startswith("unroll"):
+      unroll = int(opt[len("unroll") :])
+    elif opt in PRECISIONS:
+      precision = PRECISIONS[opt]
+    else:
+      raise app.UsageError(f"unknown variant option {opt!r} in {text!r}")
+  return Variant(text, impl, unroll, precision)
+
+
+def scenario_config(variant: Variant, epochs: int):
+  config = blog.get_config()
+  config.model.impl = variant.impl
+  config.model.unroll = variant.unroll
+  config.model.matmul_precision = variant.precision
+  config.study.epochs_per_call = epochs
+  return {c.name: c for c in config_lib.expand_cells(config)}[SCENARIO]
+
+
+def _stack_frames(hlo_text: str) -> dict[str, list[str]]:
+  """Stack frame id -> ["file:line", ... outward] from the HLO text's frame tables."""
+  tables, section = collections.defaultdict(dict), None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      section = line
+      continue
+    if not line.strip() or line.startswith(("%", "HloModule", "ENTRY")):
+      section = None if not line.strip() else None
+      continue
+    if section:
+      key, _, value = line.partition(" ")
+      tables[section][key] = value
+  files_ = {k: v.strip('"') for k, v in tables["FileNames"].items()}
+  locations = {}
+  for k, v in tables["FileLocations"].items():
+    fields = dict(re.findall(r"(\w+)=(\d+)", v))
+    locations[k] = (
+      f"{os.path.basename(files_.get(fields.get('file_name_id'), '?'))}:{fields.get('line')}"
+    )
+  frames = {}
+  for k, v in tables["StackFrames"].items():
+    fields = dict(re.findall(r"(\w+)=(\d+)", v))
+    frames[k] = (locations.get(fields.get("file_location_id"), "?"), fields.get("parent_frame_id"))
+
+  def chain(frame_id):
+    out, seen = [], set()
+    while frame_id in frames and frame_id not in seen:
+      seen.add(frame_id)
+      where, parent = frames[frame_id]
+      out.append(where)
+      frame_id = parent
+    return out
+
+  return {k: chain(k) for k in frames}
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> "innermost file:line < nearest research/ line  op_name tail"."""
+  frames = _stack_frames(hlo_text)
+  ours = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "research", "*.py"))}
+  out = {}
+  pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}", re.M)
+  for name, meta in pattern.findall(hlo_text):
+    frame = re.search(r"stack_frame_id=(\d+)", meta)
+    chain = frames.get(frame.group(1), []) if frame else []
+    where = chain[0] if chain else "?"
+    mine = next((c for c in chain if c.split(":")[0] in ours), None)
+    if mine and mine != where:
+      where = f"{where}<{mine}"
+    op = re.search(r'op_name="([^"]*)"', meta)
+    tail = "/".join(op.group(1).split("/")[-2:]) if op else ""
+    out[name] = f"{where} {tail}"
+  return out
+
+
+def device_events(log_dir: str):
+  """(line name, kernel name, hlo_op, duration ns) of every device event in the trace."""
+  from jax.profiler import ProfileData
+
+  paths = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))
+  if not paths:
+    return []
+  device, host = [], []
+  for plane in ProfileData.from_file(paths[-1]).planes:
+    on_device = plane.name.startswith("/device:")
+    for line in plane.lines:
+      for e in line.events:
+        stats = dict(e.stats)
+        if on_device:
+          device.append((line.name, e.name, str(stats.get("hlo_op", e.name)), e.duration_ns))
+        elif "hlo_op" in stats:  # The CPU backend's thunks run on host threads.
+          host.append(("host", e.name, str(stats["hlo_op"]), e.duration_ns))
+  return device or host
+
+
+def summarise(events, sources: dict[str, str], steps: int, top: int) -> dict:
+  """Kernel time by device line, and by XLA instruction (with its source) on the busiest line."""
+  by_line = collections.Counter()
+  counts = collections.Counter()
+  for line, _, _, ns in events:
+    by_line[line] += ns
+    counts[line] += 1
+  lines = {k: dict(ms=v / 1e6, events=counts[k]) for k, v in by_line.items()}
+  # GPU traces list each kernel on a stream line and again on an "XLA Ops" line; use one.
+  ops_line = next((k for k in by_line if "XLA Ops" in k), None)
+  busiest = ops_line or (max(by_line, key=by_line.get) if by_line else None)
+  per_op = collections.defaultdict(lambda: [0.0, 0, set()])
+  for line, kernel, hlo_op, ns in events:
+    if line != busiest:
+      continue
+    row = per_op[hlo_op]
+    row[0] += ns
+    row[1] += 1
+    row[2].add(kernel[:60])
+  total = sum(r[0] for r in per_op.values()) or 1.0
+  rows = sorted(per_op.items(), key=lambda kv: -kv[1][0])
+  table = [
+    dict(
+      op=op,
+      ms=ns / 1e6,
+      share=ns / total,
+      calls_per_step=calls / steps,
+      kernels=sorted(kernels)[:2],
+      source=sources.get(op, sources.get(op.split(":")[0], "?")),
+    )
+    for op, (ns, calls, kernels) in rows
+  ]
+  by_source = collections.Counter()
+  for row in table:
+    by_source[row["source"].split(" ")[0]] += row["ms"]
+  return dict(
+    line=busiest,
+    lines=lines,
+    total_ms=total / 1e6,
+    kernels_per_step=sum(r[1] for r in per_op.values()) / steps,
+    top=table[:top],
+    by_source=dict(by_source.most_common(top)),
+  )
+
+
+def matmul_precision_probe() -> dict:
+  """Relative error of a float32 matmul at each precision against float64 (tf32: ~3e-4)."""
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((2, 512, 512))
+  ref = a @ b
+  out = {}
+  for name in ("default", "highest"):
+    with jax.default_matmul_precision(None if name == "default" else name):
+      got = np.asarray(jnp.dot(jnp.float32(a), jnp.float32(b)), np.float64)
+    out[name] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+  return out
+
+
+def main(argv):
+  del argv
+  variants = [parse_variant(v) for v in FLAGS.variants]
+  n, epochs = FLAGS.seeds, FLAGS.epochs
+  if FLAGS.quick:
+    n, epochs, FLAGS.repeats = 8, 1, 1
+  print(json.dumps(machine_info()), flush=True)
+  print(json.dumps(dict(matmul_rel_error=matmul_precision_probe())), flush=True)
+  first = scenario_config(variants[0], epochs).config
+  dataset = data_lib.dataset_from_config(first.data)
+  progs0 = programs.build(first, dataset, ())
+  dtype = jnp.zeros(()).dtype
+  args = (
+    jnp.arange(n, dtype=jnp.int32),
+    jnp.full((n,), first.train.learning_rate, dtype),
+    jnp.full((n,), first.model.dropout, dtype),
+  )
+  state0 = jax.block_until_ready(progs0.init(*args))
+  steps = epochs * -(-dataset.windows_NxW.shape[0] // first.train.batch_size)
+  results, reference = [], None
+  for variant in variants:
+    config = scenario_config(variant, epochs).config
+    progs = programs.build(config, dataset, ())
+    t0 = time.perf_counter()
+    compiled = progs.epochs_program(epochs).lower(state0).compile()
+    compile_s = time.perf_counter() - t0
+    state = jax.tree_util.tree_map(jnp.copy, state0)
+    state, loss_SxE = jax.block_until_ready(compiled(state))
+    loss = np.asarray(loss_SxE)
+    if reference is None:
+      reference = loss
+    seconds = []
+    for _ in range(FLAGS.repeats):
+      t0 = time.perf_counter()
+      state, _ = jax.block_until_ready(compiled(state))
+      seconds.append(time.perf_counter() - t0)
+    call_s = float(np.median(seconds))
+    row = dict(
+      variant=variant.name,
+      seeds=n,
+      compile_s=compile_s,
+      call_s=seconds,
+      seeds_per_s_100_epochs=n / (call_s * 100 / epochs),
+      loss_max_abs_diff_vs_first=float(np.max(np.abs(loss - reference))),
+    )
+    if FLAGS.trace:
+      with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir):
+          state, _ = jax.block_until_ready(compiled(state))
+        events = device_events(log_dir)
+      row["profile"] = summarise(events, hlo_sources(compiled.as_text()), steps, FLAGS.top)
+    del state
+    results.append(row)
+    print_variant(row, steps)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(dict(machine=machine_info(), steps_per_call=steps, results=results), f, indent=1)
+  print(
+    f"\n{'variant':<24} {'compile s':>9} {'call s':>7} {'seeds/s (100 ep)':>17} {'loss diff':>10}"
+  )
+  for r in results:
+    call = float(np.median(r["call_s"]))
+    print(
+      f"{r['variant']:<24} {r['compile_s']:>9.1f} {call:>7.3f} "
+      f"{r['seeds_per_s_100_epochs']:>17.0f} {r['loss_max_abs_diff_vs_first']:>10.2e}"
+    )
+
+
+def print_variant(row: dict, steps: int):
+  print(f"\n== {row['variant']}: {row['seeds_per_s_100_epochs']:.0f} seeds/s", flush=True)
+  prof = row.get("profile")
+  if not prof:
+    return
+  print(f"line {prof['line']!r}: {prof['total_ms']:.1f} ms kernel time over {steps} steps, ")
+  print(f"{prof['kernels_per_step']:.1f} kernels a step; lines: {prof['lines']}")
+  for r in prof["top"]:
+    print(
+      f"{r['ms']:8.2f} ms {100 * r['share']:5.1f}% {r['calls_per_step']:5.1f}/step "
+      f"{r['op'][:28]:<28} {r['source'][:70]:<70} {r['kernels'][0] if r['kernels'] else ''}"
+    )
+  print("by source line:", json.dumps({k: round(v, 2) for k, v in prof["by_source"].items()}))
+
+
+if __name__ == "__main__":
+  app.run(main)
