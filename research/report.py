@@ -17,7 +17,7 @@ EXAMPLES = 3  # Distinct probe continuations shown per row.
 # Base-config fields summarised in the setup; cells' own values are in the cells table.
 SUMMARY_FIELDS = dict(
   data=("corpus", "tokenization", "context_length"),
-  model=("embed_dim", "hidden", "layers", "dropout", "mode", "init"),
+  model=("embed_dim", "hidden", "layers", "dropout", "mode", "init", "matmul_precision"),
   train=("optimizer", "learning_rate", "batch_size", "epochs", "shuffle"),
   generate=("prompts", "include_training_contexts", "length", "strategy"),
 )

@@ -62,8 +62,10 @@ def _slice_rows(size: int, sharded: bool):
   def rows(tree, start):
     return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), tree)
 
+  if not sharded:
+    return jax.jit(rows)
   # Sharded over the seed axis again, so each process then saves its own shards.
-  return jax.jit(rows, out_shardings=NamedSharding(_mesh(), P("seeds")) if sharded else None)
+  return jax.jit(rows, out_shardings=NamedSharding(_mesh(), P("seeds")))
 
 
 def _rows(tree, start: int, stop: int):

@@ -18,6 +18,7 @@ def test_blog_report_has_setup_table_plots_examples_and_claims(blog_workdir):
   for name in ("1_repetitive_lr0.1_do0.0", "2_varied_lr1e-3_do0.2", "3_varied_lr1e-4_do0.5"):
     assert f"| `{name}` | 4 |" in text
   assert "jax " in text and "Seeds per cell: **4**" in text
+  assert "matmul_precision='float32'" in text  # What the numbers were computed in.
   links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
   assert {"loss_curves.png", "tail_periods.png", "top_token_share.png"} <= set(links)
   assert "collapse_vs_lr.png" not in links  # No learning-rate grid here.
