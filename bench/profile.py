@@ -1,6 +1,6 @@
 """Where a training step's device time goes: the study's train program, traced and summed.
 
-  python bench/profile.py --seeds=32768              # on a GPU: the tables below, top 25
+  python bench/profile.py --seeds=32768              # on a GPU: the 25 costliest kernels
   python bench/profile.py --quick                    # smoke test (CPU too): 8 seeds, 1 epoch
   python bench/profile.py --variants=fused,fused:tf32,fused:unroll1,flax
 
