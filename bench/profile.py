@@ -40,12 +40,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from bench import scenario  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
 from configs import blog  # noqa: E402
-from research import config_lib, programs  # noqa: E402
 from research import data as data_lib  # noqa: E402
+from research import programs  # noqa: E402
 
-SCENARIO = "2_varied_lr1e-3_do0.2"
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("seeds", 32768, "Seeds trained in parallel.")
 flags.DEFINE_integer("epochs", 10, "Epochs per timed call (the study's epochs_per_call).")
@@ -91,7 +91,7 @@ def scenario_config(variant: Variant, epochs: int):
   config.model.unroll = variant.unroll
   config.model.matmul_precision = variant.precision
   config.study.epochs_per_call = epochs
-  return {c.name: c for c in config_lib.expand_cells(config)}[SCENARIO]
+  return scenario.cell(config)
 
 
 def _stack_frames(hlo_text: str) -> dict[str, list[str]]:
@@ -239,13 +239,7 @@ def main(argv):
   first = scenario_config(variants[0], epochs).config
   dataset = data_lib.dataset_from_config(first.data)
   progs0 = programs.build(first, dataset, ())
-  dtype = jnp.zeros(()).dtype
-  args = (
-    jnp.arange(n, dtype=jnp.int32),
-    jnp.full((n,), first.train.learning_rate, dtype),
-    jnp.full((n,), first.model.dropout, dtype),
-  )
-  state0 = jax.block_until_ready(progs0.init(*args))
+  state0 = jax.block_until_ready(progs0.init(*scenario.init_args(first, n)))
   steps = epochs * -(-dataset.windows_NxW.shape[0] // first.train.batch_size)
   results, reference = [], None
   for variant in variants:

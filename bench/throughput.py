@@ -37,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from bench import scenario  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
 from configs import blog  # noqa: E402
 from research import config_lib, files, programs, schema  # noqa: E402
@@ -44,7 +45,6 @@ from research import data as data_lib  # noqa: E402
 from research import model as model_lib  # noqa: E402
 from research import train as train_lib  # noqa: E402
 
-SCENARIO = "2_varied_lr1e-3_do0.2"
 IMPLS = schema.IMPLS
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["1", "64", "256", "1024"], "Seed counts to time the vmapped run at.")
@@ -100,7 +100,7 @@ def device_peak_bytes():
 
 
 def scenario_cell(epochs: int, impl: str = "fused", unroll: int = 0) -> config_lib.Cell:
-  """configs/blog.py's scenario 2 (blog_varied text, lr 1e-3, dropout 0.2, batch 32)."""
+  """configs/blog.py's scenario 2 (bench/scenario.py) at this implementation and length."""
   config = blog.get_config()
   config.model.impl = impl
   config.model.unroll = unroll
@@ -108,14 +108,14 @@ def scenario_cell(epochs: int, impl: str = "fused", unroll: int = 0) -> config_l
     config.data.context_length = FLAGS.context_length
   if epochs:
     config.train.epochs = epochs
-  return {c.name: c for c in config_lib.expand_cells(config)}[SCENARIO]
+  return scenario.cell(config)
 
 
 def shape_summary(config, dataset) -> dict:
   num_windows = int(dataset.windows_NxW.shape[0])
   batch = min(config.train.batch_size, num_windows)
   return dict(
-    scenario=SCENARIO,
+    scenario=scenario.NAME,
     corpus=config.data.corpus,
     vocab_size=dataset.vocab_size,
     context_length=dataset.context_length,
@@ -155,12 +155,7 @@ def compile_vmapped(cell: config_lib.Cell, num_seeds: int):
   init = progs.init
   epochs, per_call = config.train.epochs, config.study.epochs_per_call
   calls = [min(per_call, epochs - done) for done in range(0, epochs, per_call)]
-  dtype = jnp.zeros(()).dtype
-  args = (
-    jnp.arange(num_seeds, dtype=jnp.int32),
-    jnp.full((num_seeds,), config.train.learning_rate, dtype),
-    jnp.full((num_seeds,), config.model.dropout, dtype),
-  )
+  args = scenario.init_args(config, num_seeds)
   t0 = time.perf_counter()
   init_c = init.lower(*args).compile()
   state_shape = jax.eval_shape(init, *args)
@@ -395,7 +390,7 @@ def unroll_main(seed_counts, unrolls, repeats, epochs):
   results = dict(machine=machine, context_length=config.data.context_length, compared=[])
   print(
     f"{machine['cpu_model']} | {machine['cpus_usable']} cores | jax {machine['jax']} | "
-    f"load avg {machine['load_average'][0]:.2f} | scenario {SCENARIO}, "
+    f"load avg {machine['load_average'][0]:.2f} | scenario {scenario.NAME}, "
     f"T={config.data.context_length}, {config.train.epochs} epochs"
   )
   print(f"{'seeds':>5} {'unroll':>6} {'compile s':>9} {'train s':>8} {'seeds/s':>8} "
