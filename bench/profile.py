@@ -102,7 +102,7 @@ def _stack_frames(hlo_text: str) -> dict[str, list[str]]:
       section = line
       continue
     if not line.strip() or line.startswith(("%", "HloModule", "ENTRY")):
-      section = None if not line.strip() else None
+      section = None
       continue
     if section:
       key, _, value = line.partition(" ")
@@ -131,8 +131,38 @@ def _stack_frames(hlo_text: str) -> dict[str, list[str]]:
   return {k: chain(k) for k in frames}
 
 
-def hlo_sources(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> "innermost file:line < nearest research/ line  op_name tail"."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where an XLA instruction came from."""
+
+  where: str  # "innermost file:line", then "<nearest research/ file:line" if that differs.
+  op: str  # The last two parts of its op_name (the JAX name stack).
+
+  def __str__(self):
+    return f"{self.where} {self.op}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+  """One kernel (or, on CPU, thunk) execution in the trace."""
+
+  line: str  # The trace line (a GPU stream, or "host").
+  kernel: str
+  hlo_op: str  # The XLA instruction it ran.
+  ns: float
+
+
+@dataclasses.dataclass
+class OpTime:
+  """An XLA instruction's kernels, summed over the trace."""
+
+  ns: float = 0.0
+  calls: int = 0
+  kernels: set = dataclasses.field(default_factory=set)
+
+
+def hlo_sources(hlo_text: str) -> dict[str, Source]:
+  """Instruction name -> its Source, from the optimised HLO's metadata."""
   frames = _stack_frames(hlo_text)
   ours = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "research", "*.py"))}
   out = {}
@@ -145,13 +175,12 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
     if mine and mine != where:
       where = f"{where}<{mine}"
     op = re.search(r'op_name="([^"]*)"', meta)
-    tail = "/".join(op.group(1).split("/")[-2:]) if op else ""
-    out[name] = f"{where} {tail}"
+    out[name] = Source(where, "/".join(op.group(1).split("/")[-2:]) if op else "")
   return out
 
 
-def device_events(log_dir: str):
-  """(line name, kernel name, hlo_op, duration ns) of every device event in the trace."""
+def device_events(log_dir: str) -> list[Event]:
+  """Every device event in the trace (on CPU, every thunk that ran an XLA instruction)."""
   from jax.profiler import ProfileData
 
   paths = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))
@@ -164,52 +193,50 @@ def device_events(log_dir: str):
       for e in line.events:
         stats = dict(e.stats)
         if on_device:
-          device.append((line.name, e.name, str(stats.get("hlo_op", e.name)), e.duration_ns))
+          device.append(Event(line.name, e.name, str(stats.get("hlo_op", e.name)), e.duration_ns))
         elif "hlo_op" in stats:  # The CPU backend's thunks run on host threads.
-          host.append(("host", e.name, str(stats["hlo_op"]), e.duration_ns))
+          host.append(Event("host", e.name, str(stats["hlo_op"]), e.duration_ns))
   return device or host
 
 
-def summarise(events, sources: dict[str, str], steps: int, top: int) -> dict:
+def summarise(events: list[Event], sources: dict[str, Source], steps: int, top: int) -> dict:
   """Kernel time by device line, and by XLA instruction (with its source) on the busiest line."""
   by_line = collections.Counter()
   counts = collections.Counter()
-  for line, _, _, ns in events:
-    by_line[line] += ns
-    counts[line] += 1
+  for e in events:
+    by_line[e.line] += e.ns
+    counts[e.line] += 1
   lines = {k: dict(ms=v / 1e6, events=counts[k]) for k, v in by_line.items()}
   # GPU traces list each kernel on a stream line and again on an "XLA Ops" line; use one.
   ops_line = next((k for k in by_line if "XLA Ops" in k), None)
   busiest = ops_line or (max(by_line, key=by_line.get) if by_line else None)
-  per_op = collections.defaultdict(lambda: [0.0, 0, set()])
-  for line, kernel, hlo_op, ns in events:
-    if line != busiest:
-      continue
-    row = per_op[hlo_op]
-    row[0] += ns
-    row[1] += 1
-    row[2].add(kernel[:60])
-  total = sum(r[0] for r in per_op.values()) or 1.0
-  rows = sorted(per_op.items(), key=lambda kv: -kv[1][0])
+  per_op = collections.defaultdict(OpTime)
+  for e in events:
+    if e.line == busiest:
+      per_op[e.hlo_op].ns += e.ns
+      per_op[e.hlo_op].calls += 1
+      per_op[e.hlo_op].kernels.add(e.kernel[:60])
+  total = sum(t.ns for t in per_op.values()) or 1.0
+  rows = sorted(per_op.items(), key=lambda kv: -kv[1].ns)
+  by_source = collections.Counter()
+  for op, t in rows:
+    by_source[sources[op].where if op in sources else "?"] += t.ns / 1e6
   table = [
     dict(
       op=op,
-      ms=ns / 1e6,
-      share=ns / total,
-      calls_per_step=calls / steps,
-      kernels=sorted(kernels)[:2],
-      source=sources.get(op, sources.get(op.split(":")[0], "?")),
+      ms=t.ns / 1e6,
+      share=t.ns / total,
+      calls_per_step=t.calls / steps,
+      kernels=sorted(t.kernels)[:2],
+      source=str(sources[op]) if op in sources else "?",
     )
-    for op, (ns, calls, kernels) in rows
+    for op, t in rows
   ]
-  by_source = collections.Counter()
-  for row in table:
-    by_source[row["source"].split(" ")[0]] += row["ms"]
   return dict(
     line=busiest,
     lines=lines,
     total_ms=total / 1e6,
-    kernels_per_step=sum(r[1] for r in per_op.values()) / steps,
+    kernels_per_step=sum(t.calls for t in per_op.values()) / steps,
     top=table[:top],
     by_source=dict(by_source.most_common(top)),
   )
