@@ -11,6 +11,8 @@ import os
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from research import config_lib
 from research import data as data_lib
@@ -84,6 +86,27 @@ def at_precision(fn, precision: str):
   return traced
 
 
+def mesh() -> Mesh:
+  """Every device of every process, along one "seeds" axis."""
+  return Mesh(np.asarray(jax.devices()), ("seeds",))
+
+
+def per_seed(fn):
+  """vmap(fn) over the seed axis; with several devices, each runs its own block of seeds.
+
+  A shard_map rather than jit's partitioner: per-seed functions need no communication, and
+  inside it a device's vmap sees only its own seeds, so train.seed_chunked can cut them into
+  cache-sized chunks on every CPU device.
+  """
+  if jax.device_count() == 1:
+    return jax.vmap(fn)
+  # check_vma off: constants built inside (scan carries, the epoch plan) are the same on every
+  # device, which the check would have to be told, and nothing here communicates.
+  return jax.shard_map(
+    jax.vmap(fn), mesh=mesh(), in_specs=P("seeds"), out_specs=P("seeds"), check_vma=False
+  )
+
+
 def matmul_precision(config) -> str:
   return config.model.get("matmul_precision", "float32")  # Configs recorded before the field.
 
@@ -103,7 +126,7 @@ class Programs:
   def epochs_program(self, num_epochs: int):
     """The jitted state -> (state, losses SxE) of num_epochs epochs; the state is donated."""
     if num_epochs not in self._run_epochs:
-      run = jax.vmap(lambda s: self.trainer.run_epochs(s, num_epochs))
+      run = per_seed(lambda s: self.trainer.run_epochs(s, num_epochs))
       self._run_epochs[num_epochs] = jax.jit(at_precision(run, self.precision), donate_argnums=0)
     return self._run_epochs[num_epochs]
 
@@ -131,12 +154,16 @@ def build(
   )
   fp = footprint(config, dataset, state_bytes, prompts)
   evaluators = evaluate_lib.make_evaluate(config, dataset, decodings, fp.window_chunk)
+  # Evaluation, like training, runs cache-sized chunks of seeds in turn on a CPU: 1.4x faster
+  # at 256 seeds of the blog study (README, Speed).
+  final = train_lib.seed_chunked(evaluators.final, train_lib.CPU_CHUNK_BYTES)
+  dynamics = train_lib.seed_chunked(evaluators.dynamics, train_lib.CPU_CHUNK_BYTES)
   precision = matmul_precision(config)
   return Programs(
     trainer=trainer,
-    init=jax.jit(at_precision(jax.vmap(init_one), precision)),
-    evaluate=jax.jit(at_precision(jax.vmap(evaluators.final), precision)),
-    dynamics=jax.jit(at_precision(jax.vmap(evaluators.dynamics), precision)),
+    init=jax.jit(at_precision(per_seed(init_one), precision)),
+    evaluate=jax.jit(at_precision(per_seed(final), precision)),
+    dynamics=jax.jit(at_precision(per_seed(dynamics), precision)),
     footprint=fp,
     precision=precision,
   )

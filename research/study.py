@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from research import config_lib, files, hosts, programs, results, schema, workdir
@@ -22,10 +22,6 @@ from research import data as data_lib
 from research import evaluate as evaluate_lib
 
 # ----------------------------------------------------------------------------- devices
-
-
-def _mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("seeds",))
 
 
 def _to_global(x: np.ndarray, sharding: NamedSharding):
@@ -50,7 +46,9 @@ def _block_rows(size: int):
   def local(tree, lo):
     return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, lo, size), tree)
 
-  mapped = jax.shard_map(local, mesh=_mesh(), in_specs=(P("seeds"), P()), out_specs=P("seeds"))
+  mapped = jax.shard_map(
+    local, mesh=programs.mesh(), in_specs=(P("seeds"), P()), out_specs=P("seeds")
+  )
   return jax.jit(mapped)
 
 
@@ -65,7 +63,7 @@ def _slice_rows(size: int, sharded: bool):
   if not sharded:
     return jax.jit(rows)
   # Sharded over the seed axis again, so each process then saves its own shards.
-  return jax.jit(rows, out_shardings=NamedSharding(_mesh(), P("seeds")))
+  return jax.jit(rows, out_shardings=NamedSharding(programs.mesh(), P("seeds")))
 
 
 def _rows(tree, start: int, stop: int):
@@ -417,7 +415,7 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       if cell.name not in done:
         workdir.remove_models(directory, cell.name)  # Recomputed: no stale chunks of it remain.
   hosts.sync("stale models removed")
-  sharding = NamedSharding(_mesh(), P("seeds"))
+  sharding = NamedSharding(programs.mesh(), P("seeds"))
   buffers = {i: _CellBuffer(seeds) for i, c in enumerate(cells) if c.name not in done}
 
   for start in range(0, total, chunk):
@@ -593,7 +591,7 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
   opened = hosts.on_writer(
     lambda: workdir.open_for_reevaluation(directory, config, corpora(cells)), _REFUSALS
   )
-  sharding = NamedSharding(_mesh(), P("seeds"))
+  sharding = NamedSharding(programs.mesh(), P("seeds"))
   with opened or contextlib.nullcontext():
     budget = _budget(config)
     for group in groups:

@@ -179,7 +179,7 @@ def seed_chunked(fn: Callable, chunk_bytes: int) -> Callable:
       args,
       tuple(in_batched),
     )
-    on_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    on_cpu = jax.default_backend() == "cpu"
     chunk = max(8, int(chunk_bytes // max(_bytes_per_row(args, axis_size), 1.0)))
     if not on_cpu or axis_size <= chunk:
       out = jax.vmap(fn)(*args)

@@ -49,3 +49,30 @@ def test_every_matmul_runs_at_the_configured_precision():
       state = jax.eval_shape(progs.init, seeds, lrs, dropouts)
       for program in (progs.epochs_program(1), progs.evaluate, progs.dynamics):
         assert dot_precisions(program.lower(state)) == {stablehlo}, (precision, program)
+
+
+def test_evaluation_in_seed_chunks_equals_one_vmap(monkeypatch):
+  """On a CPU, evaluation runs cache-sized chunks of seeds in turn (train.seed_chunked): the
+  same metrics as all seeds at once, discrete ones exactly."""
+  (cell,) = config_lib.expand_cells(tiny_config())
+  dataset = data.dataset_from_config(cell.config.data)
+  seeds = jnp.arange(17, dtype=jnp.int32)  # Chunks of 8: the last one is padded.
+  args = seeds, jnp.full(17, 1e-2), jnp.full(17, 0.2)
+
+  def evaluate():
+    progs = programs.build(cell.config, dataset, cell.decodings)
+    state, _ = progs.run_epochs(progs.init(*args), 2)
+    whiles = progs.evaluate.lower(state).as_text().count("stablehlo.while")
+    return (progs.evaluate(state), progs.dynamics(state)), whiles
+
+  whole, whiles_whole = evaluate()
+  monkeypatch.setattr(train, "CPU_CHUNK_BYTES", 1)  # The smallest chunks: 8 seeds.
+  chunked, whiles_chunked = evaluate()
+  assert whiles_chunked > whiles_whole  # The chunks' loop.
+  for a, b in zip(
+    jax.tree_util.tree_leaves(chunked), jax.tree_util.tree_leaves(whole), strict=True
+  ):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    else:
+      np.testing.assert_array_equal(a, b)
