@@ -163,12 +163,13 @@ def _chunk_rows(total: int, target: int) -> int:
 
 
 def seed_chunked(fn: Callable, chunk_bytes: int) -> Callable:
-  """fn, except that under jax.vmap on one CPU device it runs chunks of seeds in turn.
+  """fn, except that under jax.vmap on a CPU it runs chunks of seeds in turn.
 
   vmapping all seeds at once streams every seed's state through memory at every step; a chunk
   of about chunk_bytes of state stays in cache for its whole run, and XLA's CPU matmuls run
   on one core whatever the batch, so nothing is lost. Each seed's math is unchanged. On other
-  backends, or with several devices (the seed axis may be sharded), vmap is left alone.
+  backends vmap is left alone. With several devices, vmap inside a shard_map
+  (programs.per_seed), so the chunks are cut from each device's own seeds.
   """
   wrapped = jax.custom_batching.custom_vmap(fn)
 

@@ -1,5 +1,5 @@
-"""The bench scripts (throughput.py, scale.py, compile_time.py, profile.py) run end to end
-(--quick) and write complete results."""
+"""The bench scripts (throughput.py, scale.py, compile_time.py, profile.py, cores.py) run end
+to end (--quick) and write complete results."""
 
 import json
 import os
@@ -112,3 +112,19 @@ def test_quick_profile_sums_kernel_time_by_source_line(tmp_path):
     # Kernels are traced back to the model's source: the LSTM's lines are among the top.
     assert any(r["source"].startswith(("lstm.py", "model.py")) for r in profile["top"])
     assert sum(profile["by_source"].values()) <= profile["total_ms"] + 1e-6
+
+
+@pytest.mark.slow
+def test_quick_cores_bench_times_each_way_of_using_the_cores(tmp_path):
+  out = tmp_path / "cores.json"
+  proc = run_quick("cores.py", out, timeout=180)
+  assert "speed-up" in proc.stdout
+  results = json.loads(out.read_text())
+  cores = results["machine"]["cpus_usable"]
+  runs = {r["name"]: r for r in results["runs"]}
+  assert list(runs) == ["all_cores", "one_core", "per_core"]
+  assert runs["per_core"]["processes"] == cores and len(runs["per_core"]["child_s"]) == cores
+  assert runs["per_core"]["seeds_each"] * cores == results["seeds"] == 8
+  for r in runs.values():
+    assert r["wall_s"] == max(r["child_s"]) > 0
+  assert runs["all_cores"]["speedup"] == 1.0
