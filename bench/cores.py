@@ -3,7 +3,7 @@ on one core, and one process per core with the seeds split between them.
 
   python bench/cores.py                        # scenario 2, 256 seeds, 100 epochs
   python bench/cores.py --seeds=512 --out=/tmp/cores.json
-  python bench/cores.py --quick                # smoke test: 8 seeds, 2 epochs
+  python bench/cores.py --quick                # smoke test: 2 epochs, 2 processes x 4 seeds
 
 Each run is a child process (`--child`) that compiles the study's own programs
 (research/programs.py, configs/blog.py's scenario 2 via bench/scenario.py), trains one warm-up
@@ -12,8 +12,10 @@ so compilation and start-up are left out and the children of a run train at the 
 Children are pinned to cores with os.sched_setaffinity. Runs:
   all_cores     one process, every core, all --seeds seeds (what `python run.py` does);
   one_core      one process pinned to core 0, all seeds;
-  per_core      one process per core, each pinned to its own and training seeds/cores seeds.
-The speed-up is all_cores' wall time over the run's (per_core: the slowest child's).
+  per_core      one process per core (--processes of them), each pinned to its own core and
+                training seeds/processes seeds.
+The speed-up is all_cores' wall time over the run's (per_core: the slowest child's). Children
+run on the CPU backend (JAX_PLATFORMS=cpu) whatever accelerator the machine has.
 """
 
 import os
@@ -35,7 +37,8 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("seeds", 256, "Seeds trained in all, split between processes in per_core.")
 flags.DEFINE_integer("epochs", 0, "Override train.epochs (0: the scenario's 100).")
-flags.DEFINE_bool("quick", False, "Smoke test: 8 seeds, 2 epochs.")
+flags.DEFINE_integer("processes", 0, "per_core's processes (0: one per usable core).")
+flags.DEFINE_bool("quick", False, "Smoke test: 2 epochs, 2 processes of 4 seeds.")
 flags.DEFINE_string("out", "", "Also write the results as JSON here.")
 flags.DEFINE_bool("child", False, "Internal: train and time one share of the seeds.")
 flags.DEFINE_string("cpus", "", "Internal (--child): comma-separated cores to pin to; '' = all.")
@@ -110,21 +113,25 @@ def run(name: str, cpus_each: list[str], seeds_each: int) -> Run:
 
 def main(argv):
   del argv
-  if FLAGS.quick:
-    FLAGS.seeds, FLAGS.epochs = 8, 2
   if FLAGS.child:
     return child()
   from bench.machine import machine_info
 
   cores = sorted(os.sched_getaffinity(0))
-  if FLAGS.seeds % len(cores):
-    raise app.UsageError(f"--seeds={FLAGS.seeds} must split evenly over the {len(cores)} cores")
+  if FLAGS.quick:
+    FLAGS.epochs, FLAGS.processes = 2, min(2, len(cores))
+    FLAGS.seeds = 4 * FLAGS.processes
+  processes = FLAGS.processes or len(cores)
+  if processes > len(cores):
+    raise app.UsageError(f"--processes={processes}: only {len(cores)} cores are usable")
+  if FLAGS.seeds % processes:
+    raise app.UsageError(f"--seeds={FLAGS.seeds} must split evenly over {processes} processes")
   info = machine_info()
   print(json.dumps(info), flush=True)
   runs = [
     run("all_cores", [""], FLAGS.seeds),
     run("one_core", [str(cores[0])], FLAGS.seeds),
-    run("per_core", [str(c) for c in cores], FLAGS.seeds // len(cores)),
+    run("per_core", [str(c) for c in cores[:processes]], FLAGS.seeds // processes),
   ]
   base = runs[0].wall_s
   head = f"{'run':<10} {'processes':>9} {'seeds each':>10} {'wall s':>7} {'seeds/s':>8}"

@@ -120,11 +120,11 @@ def test_quick_cores_bench_times_each_way_of_using_the_cores(tmp_path):
   proc = run_quick("cores.py", out, timeout=180)
   assert "speed-up" in proc.stdout
   results = json.loads(out.read_text())
-  cores = results["machine"]["cpus_usable"]
+  processes = min(2, results["machine"]["cpus_usable"])
   runs = {r["name"]: r for r in results["runs"]}
   assert list(runs) == ["all_cores", "one_core", "per_core"]
-  assert runs["per_core"]["processes"] == cores and len(runs["per_core"]["child_s"]) == cores
-  assert runs["per_core"]["seeds_each"] * cores == results["seeds"] == 8
+  assert runs["per_core"]["processes"] == len(runs["per_core"]["child_s"]) == processes
+  assert runs["per_core"]["seeds_each"] == 4 and results["seeds"] == 4 * processes
   for r in runs.values():
     assert r["wall_s"] == max(r["child_s"]) > 0
   assert runs["all_cores"]["speedup"] == 1.0
