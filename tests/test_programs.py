@@ -1,11 +1,14 @@
 """The study's compiled programs: seed-vmapped init, epochs in pieces, evaluation."""
 
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import tiny_config
+import pytest
+from conftest import ROOT, SIMULATED_HOSTS, subprocess_env, tiny_config
 
 from research import config_lib, data, programs, train
 
@@ -76,3 +79,37 @@ def test_evaluation_in_seed_chunks_equals_one_vmap(monkeypatch):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     else:
       np.testing.assert_array_equal(a, b)
+
+
+# Seeds 0-3 on two CPU devices: sharded (4 split), then seeds 0-2 (3 do not split: one vmap).
+TWO_DEVICES = """
+import numpy as np, jax, jax.numpy as jnp
+from conftest import tiny_config
+from research import config_lib, data, programs
+assert jax.device_count() == 2
+(cell,) = config_lib.expand_cells(tiny_config())
+progs = programs.build(cell.config, data.dataset_from_config(cell.config.data), cell.decodings)
+out = {}
+for n in (4, 3):
+  state = progs.init(jnp.arange(n, dtype=jnp.int32), jnp.full(n, 1e-2), jnp.full(n, 0.2))
+  state, loss = progs.run_epochs(state, 2)
+  out[n] = np.asarray(loss), np.asarray(progs.evaluate(state).train.final_loss)
+  if n == 4:
+    assert len(state.params["Dense_0"]["kernel"].sharding.device_set) == 2
+np.testing.assert_allclose(out[3][0], out[4][0][:3], rtol=1e-6, atol=1e-7)
+np.testing.assert_allclose(out[3][1], out[4][1][:3], rtol=1e-6, atol=1e-7)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_several_devices_each_run_their_own_seeds():
+  """With several devices the programs are a shard_map over the seed axis; a seed count that
+  does not split over them still runs (as one vmap), with the same per-seed results."""
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", **SIMULATED_HOSTS)
+  env["PYTHONPATH"] = f"{ROOT}/tests:{env['PYTHONPATH']}"
+  proc = subprocess.run(
+    [sys.executable, "-c", TWO_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True,
+    timeout=300,
+  )  # fmt: skip
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
