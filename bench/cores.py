@@ -95,24 +95,32 @@ def run(name: str, cpus_each: list[str], seeds_each: int) -> Run:
     )
     for c in cpus_each
   ]
-  for p in children:
-    line = p.stdout.readline().strip()
-    if line != "ready":
-      raise RuntimeError(f"{name}: a child failed before training (exit {p.wait()})")
-  for p in children:
-    p.stdin.write("go\n")
-    p.stdin.flush()
-  seconds = []
-  for p in children:
-    out, _ = p.communicate()
-    if p.returncode:
-      raise RuntimeError(f"{name}: a child failed (exit {p.returncode})")
-    seconds.append(json.loads(out.strip().splitlines()[-1])["seconds"])
+  try:
+    for p in children:
+      if p.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"{name}: a child failed before training (exit {p.wait()})")
+    for p in children:
+      p.stdin.write("go\n")
+      p.stdin.flush()
+    seconds = []
+    for p in children:
+      out, _ = p.communicate()
+      if p.returncode:
+        raise RuntimeError(f"{name}: a child failed (exit {p.returncode})")
+      seconds.append(json.loads(out.strip().splitlines()[-1])["seconds"])
+  finally:
+    for p in children:  # None left waiting for "go" if another one failed.
+      if p.poll() is None:
+        p.kill()
+        p.wait()
   return Run(name, len(children), seeds_each, max(seconds), seconds)
 
 
 def main(argv):
   del argv
+  # Cores are what is measured, on any machine: this process (machine_info) and its children
+  # run on the CPU backend. JAX is not imported yet.
+  os.environ["JAX_PLATFORMS"] = "cpu"
   if FLAGS.child:
     return child()
   from bench.machine import machine_info
