@@ -1,5 +1,6 @@
 """The study's compiled programs: seed-vmapped init, epochs in pieces, evaluation."""
 
+import os
 import re
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_several_devices_each_run_their_own_seeds():
   """With several devices the programs are a shard_map over the seed axis; a seed count that
   does not split over them still runs (as one vmap), with the same per-seed results."""
   env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", **SIMULATED_HOSTS)
-  env["PYTHONPATH"] = f"{ROOT}/tests:{env['PYTHONPATH']}"
+  env["PYTHONPATH"] = os.path.join(ROOT, "tests") + os.pathsep + env["PYTHONPATH"]
   proc = subprocess.run(
     [sys.executable, "-c", TWO_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True,
     timeout=300,
