@@ -6,8 +6,8 @@ on one core, and one process per core with the seeds split between them.
   python bench/cores.py --quick                # smoke test: 2 epochs, 2 processes x 4 seeds
 
 Each run is a child process (`--child`) that compiles the study's own programs
-(research/programs.py, configs/blog.py's scenario 2 via bench/scenario.py), trains one warm-up
-call, then waits until every child of the run is ready and times init plus all the epoch calls,
+(research/programs.py, configs/blog.py's scenario 2 via bench/scenario.py), trains once untimed,
+then waits until every child of the run is ready and times init plus all the epoch calls,
 so compilation and start-up are left out and the children of a run train at the same time.
 Children are pinned to cores with os.sched_setaffinity. Runs:
   all_cores     one process, every core, all --seeds seeds (what `python run.py` does);
@@ -57,30 +57,18 @@ def child() -> None:
   """Compiles, warms up, prints 'ready', waits for a line on stdin, prints the timing as JSON."""
   if FLAGS.cpus:
     os.sched_setaffinity(0, {int(c) for c in FLAGS.cpus.split(",")})
-  import jax
-
   from bench import scenario
-  from research import data as data_lib
-  from research import programs
+  from configs import blog
 
-  config = scenario.cell().config
+  config = blog.get_config()
   if FLAGS.epochs:
     config.train.epochs = FLAGS.epochs
-  progs = programs.build(config, data_lib.dataset_from_config(config.data), ())
-  args = scenario.init_args(config, FLAGS.seeds)
-  epochs, per_call = config.train.epochs, config.study.epochs_per_call
-  calls = [min(per_call, epochs - done) for done in range(0, epochs, per_call)]
-  state = progs.init(*args)
-  for n in set(calls):  # Compile every call's program and run it once.
-    state, _ = progs.run_epochs(state, n)
-  jax.block_until_ready(state)
+  train, _ = scenario.compile_vmapped(scenario.cell(config), FLAGS.seeds)
+  train()  # Once untimed: buffers allocated, caches warm.
   print("ready", flush=True)
   sys.stdin.readline()
   t0 = time.perf_counter()
-  state = progs.init(*args)
-  for n in calls:
-    state, _ = progs.run_epochs(state, n)
-  jax.block_until_ready(state)
+  train()
   print(json.dumps(dict(seconds=time.perf_counter() - t0)), flush=True)
 
 

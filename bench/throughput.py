@@ -148,35 +148,9 @@ def flops_per_seed(shape: dict) -> dict:
 # ----------------------------------------------------------------------------- vmapped
 
 
-def compile_vmapped(cell: config_lib.Cell, num_seeds: int):
-  """The study's programs for num_seeds seeds, compiled: (run() -> (state, losses), compile s)."""
-  config = cell.config
-  progs = programs.build(config, data_lib.dataset_from_config(config.data), cell.decodings)
-  init = progs.init
-  epochs, per_call = config.train.epochs, config.study.epochs_per_call
-  calls = [min(per_call, epochs - done) for done in range(0, epochs, per_call)]
-  args = scenario.init_args(config, num_seeds)
-  t0 = time.perf_counter()
-  init_c = init.lower(*args).compile()
-  state_shape = jax.eval_shape(init, *args)
-  epoch_c = {n: progs.epochs_program(n).lower(state_shape).compile() for n in set(calls)}
-  compile_s = time.perf_counter() - t0
-
-  def run():
-    state = init_c(*args)
-    losses = []
-    for n in calls:
-      state, loss = epoch_c[n](state)
-      losses.append(loss)
-    jax.block_until_ready((state, losses))
-    return state, losses
-
-  return run, compile_s
-
-
 def time_vmapped(cell: config_lib.Cell, num_seeds: int, repeats: int) -> dict:
   """Compile the study's programs once, then time whole training runs (init + epoch calls)."""
-  run, compile_s = compile_vmapped(cell, num_seeds)
+  run, compile_s = scenario.compile_vmapped(cell, num_seeds)
   seconds, mem = [], None
   loss_SxE = None
   for _ in range(repeats):
@@ -208,7 +182,7 @@ def compare_unrolls(epochs: int, num_seeds: int, unrolls: list[int], repeats: in
   load changes hit every variant alike); losses and parameters compared with the first's."""
   runs, compile_s, seconds, outputs = {}, {}, {u: [] for u in unrolls}, {}
   for u in unrolls:
-    runs[u], compile_s[u] = compile_vmapped(scenario_cell(epochs, unroll=u), num_seeds)
+    runs[u], compile_s[u] = scenario.compile_vmapped(scenario_cell(epochs, unroll=u), num_seeds)
   for _ in range(repeats):
     for u in unrolls:
       t0 = time.perf_counter()
