@@ -19,7 +19,17 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from research import config_lib, data, files, hosts, report, results, study, workdir  # noqa: E402
+from research import (  # noqa: E402
+  config_lib,
+  data,
+  files,
+  hosts,
+  report,
+  results,
+  study,
+  workdir,
+  workers,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Study config file (configs/*.py).")
@@ -30,6 +40,14 @@ flags.DEFINE_bool(
   False,
   "Evaluate a finished workdir's saved models again with this config's decodings "
   "(generate.*, study.decodings), without training.",
+)
+flags.DEFINE_integer(
+  "workers",
+  1,
+  "Split the seeds over this many local processes, each pinned to its own CPU cores (0: one "
+  "per core). XLA:CPU runs a program on about one core, so this is how a CPU study uses more; "
+  "the results are one process's. CPU only; not with --distributed or --reevaluate.",
+  lower_bound=0,
 )
 flags.DEFINE_bool(
   "distributed",
@@ -128,6 +146,18 @@ def start_distributed() -> None:
     logging.set_verbosity(logging.WARNING)  # Process 0 logs the study's progress.
 
 
+def check_workers() -> None:
+  """--workers: refused where it cannot help, in one line."""
+  if FLAGS.distributed or FLAGS.reevaluate:
+    fail(f"--workers={FLAGS.workers} cannot be combined with --distributed or --reevaluate", USAGE)
+  if jax.default_backend() != "cpu":
+    fail(
+      f"--workers splits a study over CPU processes, but JAX runs on {jax.default_backend()} "
+      "here: leave --workers at 1 (each device already runs its own block of seeds)",
+      USAGE,
+    )
+
+
 def one_line(e: BaseException) -> str:
   """An exception's first line (XLA's runtime errors run over many)."""
   lines = str(e).strip().splitlines()
@@ -161,6 +191,11 @@ def main(argv):
     config.to_dict()
   except (OSError, AttributeError, SyntaxError, ImportError) as e:
     fail(f"cannot load --config={FLAGS['config'].config_filename}: {config_load_error(e)}", USAGE)
+  worker = workers.this_worker()
+  if worker is not None:
+    workers.start_worker(worker)
+  elif FLAGS.workers != 1:
+    check_workers()
   start_distributed()
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
@@ -168,8 +203,14 @@ def main(argv):
   try:
     if FLAGS.reevaluate:
       rows = study.reevaluate_study(config, FLAGS.workdir)
+    elif FLAGS.workers != 1:
+      rows = workers.run_study(
+        config, FLAGS.workdir, FLAGS.overwrite, FLAGS.workers, sys.argv, STARTED
+      )
     else:
       rows = study.run_study(config, FLAGS.workdir, FLAGS.overwrite, started=STARTED)
+    if worker is not None:
+      return  # The parent merges and reports.
     if not hosts.is_writer():
       print(f"process {jax.process_index()}: done; process 0 writes the results in {FLAGS.workdir}")
       return
@@ -191,7 +232,13 @@ def main(argv):
       "every process again to resume",
       RUNTIME,
     )
+  except workers.WorkerFailed as e:
+    if str(e):
+      fail(str(e), e.code)
+    sys.exit(e.code)  # The worker printed its own error line.
   except KeyboardInterrupt:
+    if worker is not None:
+      os._exit(INTERRUPTED)  # The parent says it, once.
     print(
       f"interrupted: finished cells are kept in {FLAGS.workdir}; run the same command to resume",
       file=sys.stderr,

@@ -54,6 +54,7 @@ logging.get_absl_logger().addFilter(_NotOrbax())
 CELLS_DIR = "cells"
 SET_ASIDE_DIR = os.path.join(CELLS_DIR, "set-aside")
 MODELS_DIR, CHECKPOINTS_DIR = "models", "checkpoints"
+WORKERS_DIR = "workers"  # run.py --workers: each worker process's own workdir, until merged.
 CONFIG, RESULTS_JSON, RESULTS_CSV, PER_SEED, REPORT = (
   "config.json",
   "results.json",
@@ -270,7 +271,7 @@ def _delete_written(directory: str) -> None:
       shutil.rmtree(path)
     elif os.path.isfile(path):
       os.unlink(path)
-  for folder in (SET_ASIDE_DIR, CELLS_DIR, MODELS_DIR, CHECKPOINTS_DIR):
+  for folder in (SET_ASIDE_DIR, CELLS_DIR, MODELS_DIR, CHECKPOINTS_DIR, WORKERS_DIR):
     path = os.path.join(directory, folder)
     for sub in sorted(glob.glob(os.path.join(path, "*")), reverse=True):
       if os.path.isdir(sub) and not os.listdir(sub):
@@ -472,6 +473,58 @@ def remove_models(directory: str, cell_name: str) -> None:
   """Deletes a cell's saved models (before it is trained again)."""
   for _, _, path in models_of(directory, cell_name):
     shutil.rmtree(path)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+  try:
+    os.link(source, target)
+  except OSError:  # Another file system, or links not allowed: a copy.
+    shutil.copy2(source, target)
+
+
+def copy_models(directory: str, cell_name: str, source: str) -> None:
+  """A cell's saved model chunks from another workdir (a worker's), hard-linked when possible.
+
+  Each chunk is linked into a temporary folder, then renamed into place, so a kill leaves
+  either the whole chunk or none of it.
+  """
+  for _, _, path in models_of(source, cell_name):
+    relpath = os.path.join(MODELS_DIR, config_lib.slug(cell_name), os.path.basename(path))
+    _record(directory, relpath)
+    target = os.path.join(directory, relpath)
+    partial = target + ".partial"
+    for stale in (partial, target):
+      if os.path.exists(stale):
+        shutil.rmtree(stale)
+    shutil.copytree(path, partial, copy_function=_link_or_copy)
+    os.replace(partial, target)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def worker_dir(directory: str, first: int, last: int) -> str:
+  """The workdir of the --workers process that runs seeds first..last of the study (recorded
+  in the manifest, so --overwrite deletes it with the rest)."""
+  relpath = os.path.join(WORKERS_DIR, f"seeds_{first}-{last}")
+  _record(directory, relpath, relpath + ".log")
+  os.makedirs(os.path.join(directory, WORKERS_DIR), exist_ok=True)
+  return os.path.join(directory, relpath)
+
+
+def remove_workers(directory: str, keep=()) -> None:
+  """Deletes worker workdirs and logs, except those of the workdirs in keep."""
+  keep = {os.path.abspath(k) for k in keep}
+  for path in glob.glob(os.path.join(directory, WORKERS_DIR, "seeds_*")):
+    if os.path.abspath(path.removesuffix(".log")) in keep:
+      continue
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.unlink(path)
+  folder = os.path.join(directory, WORKERS_DIR)
+  if not keep and os.path.isdir(folder) and not os.listdir(folder):
+    os.rmdir(folder)
 
 
 @dataclasses.dataclass(frozen=True)

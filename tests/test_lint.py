@@ -32,7 +32,7 @@ def test_ruff_format():
 LAYERS = (
   "platform", "hosts", "schema", "files", "stats", "metrics", "lstm", "data", "config_lib", "model",
   "generate", "train", "evaluate", "programs", "results", "workdir", "study", "claims", "plots",
-  "report",
+  "report", "workers",
 )  # fmt: skip
 
 

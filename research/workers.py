@@ -1,0 +1,230 @@
+"""A study's seeds split over local processes (run.py --workers), each on its own CPU cores.
+
+XLA:CPU runs a program on about one core (README, Speed, "Using a CPU's cores"), so on a CPU a
+study uses the other cores by running copies of itself: worker k is run.py on the same config
+and a block of consecutive seeds (study.seed_offset, study.seeds), in its own workdir under
+workers/. When every worker is done, their cells and saved models are merged into the workdir
+and the results written from there as usual. A seed's keys come from its number alone, so the
+merged arrays are the one-process study's (tests/test_workers.py). A kill stops every worker;
+the same command resumes each where it stopped.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import logging
+
+from research import config_lib, hosts, programs, results, study, workdir
+
+WORKER = "COLLAPSE_STUDY_WORKER"  # A worker's environment holds its Block, as JSON.
+
+
+class WorkerFailed(RuntimeError):
+  """A worker process failed: its exit code, and a message unless it printed its own."""
+
+  def __init__(self, code: int, message: str = ""):
+    super().__init__(message)
+    self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """One worker's share: seeds first..last of the study (before study.seed_offset), on cpus."""
+
+  index: int
+  first: int
+  last: int
+  cpus: tuple[int, ...]
+
+  @property
+  def seeds(self) -> int:
+    return self.last - self.first + 1
+
+
+def plan_blocks(seeds: int, workers: int, cpus: list[int]) -> list[Block]:
+  """Near-equal blocks of consecutive seeds, one per worker (0 workers: one per CPU; never
+  more than seeds), each pinned to its own share of the CPUs (shared when too few)."""
+  count = min(workers or len(cpus), seeds)
+  seed_blocks = np.array_split(np.arange(seeds), count)
+  if count <= len(cpus):
+    cpu_blocks = [tuple(int(c) for c in b) for b in np.array_split(np.asarray(cpus), count)]
+  else:
+    cpu_blocks = [(cpus[k % len(cpus)],) for k in range(count)]
+  return [
+    Block(index=k, first=int(b[0]), last=int(b[-1]), cpus=c)
+    for k, (b, c) in enumerate(zip(seed_blocks, cpu_blocks, strict=True))
+  ]
+
+
+def this_worker() -> Block | None:
+  """The Block this process runs as a worker, or None when it is no worker."""
+  spec = os.environ.get(WORKER)
+  if not spec:
+    return None
+  fields = json.loads(spec)
+  return Block(**dict(fields, cpus=tuple(fields["cpus"])))
+
+
+def start_worker(block: Block) -> None:
+  """Pins this worker to its CPUs (before JAX starts its thread pools) and ties its life to
+  the parent's."""
+  if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, block.cpus)
+  hosts.die_with_parent()
+
+
+def _argv(argv: list[str], block: Block, config, directory: str, budget_mb: int) -> list[str]:
+  """run.py's own command line, then this worker's overrides (absl: the last value wins)."""
+  return [
+    sys.executable,
+    *argv,
+    f"--workdir={directory}",
+    f"--config.study.seeds={block.seeds}",
+    f"--config.study.seed_offset={config.study.seed_offset + block.first}",
+    f"--config.study.memory_budget_mb={budget_mb}",
+    "--nooverwrite",
+    "--workers=1",
+  ]
+
+
+def _last_error(log_path: str) -> str:
+  """The worker's one-line error, else its last line."""
+  try:
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+      lines = [line.strip() for line in f if line.strip()]
+  except OSError:
+    return ""
+  errors = [line for line in lines if line.startswith("error: ")]
+  return (errors or lines or [""])[-1].removeprefix("error: ")
+
+
+def _run_workers(commands: list[list[str]], blocks: list[Block], directories: list[str]) -> None:
+  """Runs every worker to its end; the first to fail stops the others (WorkerFailed).
+
+  Worker 0 writes to this terminal (its progress stands for all: blocks are near-equal);
+  the others to workers/<block>.log.
+  """
+  procs, logs = [], []
+  try:
+    for command, block, directory in zip(commands, blocks, directories, strict=True):
+      env = dict(
+        os.environ,
+        **{WORKER: json.dumps(dataclasses.asdict(block)), hosts.SUPERVISED: str(os.getpid())},
+      )
+      log = None if block.index == 0 else open(directory + ".log", "w")  # noqa: SIM115
+      logs.append(log)
+      procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+    while True:
+      codes = [p.poll() for p in procs]
+      failed = [k for k, code in enumerate(codes) if code not in (None, 0)]
+      if failed:
+        k = failed[0]
+        code = codes[k] if codes[k] > 0 else 1  # Killed by a signal: a runtime failure.
+        if k == 0:  # Its error line is already on the terminal.
+          raise WorkerFailed(code)
+        block = blocks[k]
+        raise WorkerFailed(
+          code,
+          f"worker {k} (seeds {block.first}-{block.last}) failed with exit code {codes[k]}: "
+          f"{_last_error(directories[k] + '.log')} (its log: {directories[k]}.log)",
+        )
+      if all(code == 0 for code in codes):
+        return
+      time.sleep(0.1)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+    for log in logs:
+      if log is not None:
+        log.close()
+
+
+def _merge_cell(directory: str, cell: config_lib.Cell, sources: list[str]) -> None:
+  """A cell's per-seed arrays (concatenated in seed order) and models from the workers."""
+  metas, parts = zip(*(workdir.read_cell(source, cell.name) for source in sources), strict=True)
+  arrays = results.SeedArrays(
+    train={k: np.concatenate([p.train[k] for p in parts]) for k in parts[0].train},
+    decodings={
+      name: {k: np.concatenate([p.decodings[name][k] for p in parts]) for k in fields}
+      for name, fields in parts[0].decodings.items()
+    },
+  )
+  meta = dataclasses.replace(
+    metas[0],
+    config=cell.config.to_dict(),
+    fingerprint=config_lib.cell_fingerprint(cell),
+    seconds=max(m.seconds for m in metas),  # The workers ran at once: wall time is the max.
+    train_seconds=max(m.train_seconds for m in metas),
+    eval_seconds=max(m.eval_seconds for m in metas),
+  )
+  if cell.config.study.save_models:
+    for source in sources:
+      workdir.copy_models(directory, cell.name, source)
+  workdir.write_cell(directory, cell, meta, arrays)  # Last: it marks the cell finished.
+
+
+def _phases(worker_phases: list[dict], before_workers: float, total: float) -> dict:
+  """The run's phases: start-up until the workers started plus theirs, the longest worker's
+  compile, training and evaluation, and the programs every worker compiled."""
+
+  def longest(key):
+    return max(p.get(key, 0.0) for p in worker_phases)
+
+  return dict(
+    startup=before_workers + longest("startup"),
+    compile=longest("compile"),
+    programs_compiled=sum(p.get("programs_compiled", 0) for p in worker_phases),
+    compilation_cache_hits=sum(p.get("compilation_cache_hits", 0) for p in worker_phases),
+    train=longest("train"),
+    evaluate=longest("evaluate"),
+    workers=len(worker_phases),
+    total=total,
+  )
+
+
+def run_study(
+  config, directory: str, overwrite: bool, workers: int, argv: list[str], started: float
+) -> list[results.Row]:
+  """Runs the study's unfinished cells on worker processes, merges them; returns the rows.
+
+  argv: run.py's command line (sys.argv), which each worker runs with its own overrides.
+  """
+  cells = config_lib.expand_cells(config)
+  study.group_cells(cells)  # Bad data or prompts fail here, once, before any worker starts.
+  cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+  blocks = plan_blocks(config.study.seeds, workers, cpus)
+  # The study's memory budget, shared: each worker plans its chunks for its part.
+  budget_mb = (config.study.memory_budget_mb or programs.default_budget() >> 20) // len(blocks)
+  with workdir.open_for_study(directory, config, overwrite, study.corpora(cells)):
+    pending = [c for c in cells if not workdir.cell_done(directory, c)]
+    sources = [workdir.worker_dir(directory, b.first, b.last) for b in blocks]
+    workdir.remove_workers(directory, keep=sources)  # Those of another split: not resumable.
+    phases = dict(startup=time.time() - started, workers=len(blocks))
+    if pending:
+      for cell in pending:
+        workdir.remove_models(directory, cell.name)  # Stale: the workers hold the new ones.
+      logging.info(
+        "%d worker processes: %s; worker 0 logs here, the others in %s",
+        len(blocks),
+        ", ".join(f"seeds {b.first}-{b.last} on CPUs {list(b.cpus)}" for b in blocks),
+        os.path.join(directory, workdir.WORKERS_DIR),
+      )
+      before = time.time() - started
+      commands = [
+        _argv(argv, b, config, s, budget_mb) for b, s in zip(blocks, sources, strict=True)
+      ]
+      _run_workers(commands, blocks, sources)
+      for cell in pending:
+        _merge_cell(directory, cell, sources)
+      worker_phases = [workdir.load(source).phases for source in sources]
+      phases = _phases(worker_phases, before, time.time() - started)
+    workdir.remove_workers(directory)
+    phases["total"] = time.time() - started
+    return workdir.write_results(directory, cells, config.study.seeds, phases["total"], phases)

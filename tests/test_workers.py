@@ -1,0 +1,161 @@
+"""run.py --workers: seeds split over local processes, merged to one process's results."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, assert_same_results, load_per_seed, subprocess_env
+
+from research import workdir, workers
+
+THREE_CELLS = """
+from configs import tiny
+
+def get_config():
+  config = tiny.get_config()
+  config.train.epochs = {epochs}
+  config.study.seeds = 6
+  config.study.seed_offset = 10  # Worker blocks must add to it, not replace it.
+  config.study.scenarios = [dict(name="a"), dict(name="b", train=dict(learning_rate=0.01)),
+                            dict(name="c", model=dict(dropout=0.0))]
+  return config
+"""
+
+
+def write_config(tmp_path, epochs=3) -> str:
+  path = tmp_path / "three_cells.py"
+  path.write_text(THREE_CELLS.format(epochs=epochs))
+  return str(path)
+
+
+def run_py(config_path, directory, *extra):
+  cmd = [sys.executable, "run.py", f"--config={config_path}", f"--workdir={directory}", *extra]
+  return subprocess.run(
+    cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+  )
+
+
+def test_blocks_cover_the_seeds_in_order_on_their_own_cpus():
+  blocks = workers.plan_blocks(seeds=10, workers=3, cpus=[0, 1, 2, 3, 4, 5])
+  assert [(b.first, b.last) for b in blocks] == [(0, 3), (4, 6), (7, 9)]
+  assert [b.cpus for b in blocks] == [(0, 1), (2, 3), (4, 5)]
+  assert [b.index for b in blocks] == [0, 1, 2]
+  # 0 workers: one per CPU; never more workers than seeds; CPUs shared when too few.
+  assert len(workers.plan_blocks(seeds=256, workers=0, cpus=[4, 7])) == 2
+  assert [b.seeds for b in workers.plan_blocks(seeds=2, workers=5, cpus=[0])] == [1, 1]
+  assert [b.cpus for b in workers.plan_blocks(seeds=8, workers=3, cpus=[0, 1])] == [
+    (0,),
+    (1,),
+    (0,),
+  ]
+
+
+def test_a_worker_reads_its_block_from_its_environment(monkeypatch):
+  assert workers.this_worker() is None
+  block = workers.Block(index=1, first=4, last=6, cpus=(2, 3))
+  monkeypatch.setenv(workers.WORKER, json.dumps(vars(block)))
+  assert workers.this_worker() == block
+
+
+@pytest.mark.slow
+def test_two_workers_give_one_process_results_models_and_reevaluation(tmp_path):
+  config_path = write_config(tmp_path)
+  one = run_py(config_path, tmp_path / "one")
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = run_py(config_path, tmp_path / "two", "--workers=2")
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert "seeds 0-2 on CPUs" in two.stderr and "seeds 3-5 on CPUs" in two.stderr
+  assert_same_results(load_per_seed(tmp_path / "one"), load_per_seed(tmp_path / "two"))
+  assert two.stdout.splitlines()[:5] == one.stdout.splitlines()[:5]  # The same table.
+  assert not (tmp_path / "two" / "workers").exists()  # Merged, then removed.
+  phases = json.loads((tmp_path / "two" / "results.json").read_text())["phases"]
+  assert phases["workers"] == 2 and phases["train"] > 0
+  # The merged models: study seeds 13-15 (offset 10) were the second worker's.
+  chunks = [(f, last) for f, last, _ in workdir.models_of(str(tmp_path / "two"), "b")]
+  assert chunks == [(10, 12), (13, 15)]
+  mine, _ = workdir.load_model(str(tmp_path / "two"), "b", 14)
+  theirs, _ = workdir.load_model(str(tmp_path / "one"), "b", 14)
+  for x, y in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(theirs), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  again = run_py(config_path, tmp_path / "two", "--reevaluate")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert_same_results(load_per_seed(tmp_path / "one"), load_per_seed(tmp_path / "two"))
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(") ")[-1][0] != "Z"  # A zombie is dead.
+  except OSError:
+    return False
+
+
+@pytest.mark.slow
+def test_a_killed_run_stops_its_workers_and_resumes_to_the_same_results(tmp_path):
+  config_path = write_config(tmp_path, epochs=400)
+  reference = run_py(config_path, tmp_path / "ref")
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  directory = tmp_path / "killed"
+  cmd = [sys.executable, "run.py", f"--config={config_path}", f"--workdir={directory}"]
+  with open(tmp_path / "run.log", "w") as log:
+    proc = subprocess.Popen(
+      [*cmd, "--workers=2"], cwd=ROOT, env=subprocess_env(), stdout=log, stderr=log
+    )
+  deadline = time.time() + 240
+  cell_a = directory / "workers" / "seeds_3-5" / "cells" / "a.json"
+  while not cell_a.exists():
+    assert proc.poll() is None and time.time() < deadline, "run ended before a worker's cell"
+    time.sleep(0.02)
+  worker_pids = [
+    json.loads(p.read_text())["pid"] for p in (directory / "workers").glob("*/.collapse-study.lock")
+  ]
+  assert len(worker_pids) == 2
+  proc.kill()
+  proc.wait(timeout=60)
+  deadline = time.time() + 30
+  while any(_alive(pid) for pid in worker_pids) and time.time() < deadline:
+    time.sleep(0.05)
+  assert not any(_alive(pid) for pid in worker_pids), "a worker outlived its parent"
+  assert not (directory / "results.json").exists()
+  resumed = run_py(config_path, directory, "--workers=2")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "skipping a: already finished" in resumed.stderr  # Worker 0's log, on the terminal.
+  assert_same_results(load_per_seed(tmp_path / "ref"), load_per_seed(directory))
+
+
+@pytest.mark.slow
+def test_a_failing_worker_stops_the_others_with_one_line(tmp_path):
+  config_path = write_config(tmp_path)
+  directory = tmp_path / "w"
+  assert run_py(config_path, directory, "--workers=2").returncode == 0
+  for cell in (directory / "cells").glob("*.json"):
+    cell.unlink()  # Unfinished again, so the next run starts its workers.
+  # Worker 1's workdir replaced by a file: that worker alone refuses it.
+  blocked = directory / "workers" / "seeds_3-5"
+  blocked.parent.mkdir()
+  blocked.write_text("not a directory")
+  out = run_py(config_path, directory, "--workers=2")
+  assert out.returncode == 1, out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, out.stderr[-3000:]
+  assert "worker 1 (seeds 3-5) failed with exit code 1" in errors[0]
+  assert "is not writable: it is a file" in errors[0]
+  assert "Traceback" not in out.stderr
+  lock = directory / "workers" / "seeds_0-2" / ".collapse-study.lock"
+  if lock.exists():  # Worker 0 was stopped mid-run (not if it had already finished).
+    assert not _alive(json.loads(lock.read_text())["pid"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--reevaluate", "--distributed"])
+def test_workers_refuse_other_modes_in_one_line(tmp_path, flag):
+  out = run_py(os.path.join("configs", "tiny.py"), tmp_path / "w", "--workers=2", flag)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+    "error: --workers=2 cannot be combined with --distributed or --reevaluate"
+  ]
