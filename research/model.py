@@ -124,7 +124,8 @@ class LSTMLanguageModel(nn.Module):
     if self.impl == "flax":
       h_BxTxH, h_BxH = self._flax_lstm(embed(tokens_BxT), lengths_B, cell_kw)
     elif self.impl == "fused":
-      h_BxTxH, h_BxH = self._fused_lstm(embed, tokens_BxT, lengths_B, cell_kw)
+      inference = dropout_rng is None  # Training always passes one (even at rate 0).
+      h_BxTxH, h_BxH = self._fused_lstm(embed, tokens_BxT, lengths_B, cell_kw, inference)
     else:
       raise ValueError(f"model.impl must be one of {IMPLS}, got {self.impl!r}")
     h = h_BxTxH if self.mode == "all" else h_BxH
@@ -141,14 +142,22 @@ class LSTMLanguageModel(nn.Module):
       (_, h_BxH), h_BxTxH = nn.RNN(cell, return_carry=True)(h_BxTxH, seq_lengths=lengths_B)
     return h_BxTxH, h_BxH
 
-  def _fused_lstm(self, embed, tokens_BxT, lengths_B, cell_kw):
-    """The custom-VJP kernels, time-major inside: the same two outputs as _flax_lstm."""
+  def _fused_lstm(self, embed, tokens_BxT, lengths_B, cell_kw, inference=False):
+    """The custom-VJP kernels, time-major inside: the same two outputs as _flax_lstm.
+
+    inference: layer 0 may read its first two steps from per-token tables (lstm.py's
+    window_recurrence: the same values, a third less work when decoding at T = 3).
+    """
     tokens_TxB = tokens_BxT.T
     h_TxBxH = None
     for layer in range(self.layers):
       name = "lstm" if layer == 0 else f"lstm_{layer}"
       in_features = self.embed_dim if layer == 0 else self.hidden
       w = LSTMParams(self.hidden, param_dtype=self.param_dtype, name=name, **cell_kw)(in_features)
+      if layer == 0 and inference and self.unroll == 0 and self.vocab_size <= tokens_TxB.shape[1]:
+        xtable_Vx4H = embed.embedding @ w.kernel_i_Ix4H
+        h_TxBxH = lstm.window_recurrence(w.kernel_h_Hx4H, w.bias_4H, xtable_Vx4H, tokens_TxB)
+        continue
       if layer == 0 and self.vocab_size <= tokens_TxB.size:
         # Small vocabulary: project the table once (V x 4H), then look rows up.
         xproj_TxBx4H = lstm.lookup(embed.embedding @ w.kernel_i_Ix4H, tokens_TxB)

@@ -103,3 +103,18 @@ def test_scan_program_size_does_not_grow_with_steps():
 
   assert ops(1, 16) == ops(1, 4)
   assert ops(0, 16) > 3 * ops(0, 4) // 2
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_window_recurrence_reads_the_first_steps_from_token_tables(steps):
+  """Inference's recurrence from per-token tables equals the recurrence over looked-up rows."""
+  vocab, batch, hidden = 7, 9, 6
+  (kernel_h_Hx4H, bias_4H, _), _ = random_problem(steps, hidden=hidden, batch=batch)
+  xtable_Vx4H = jax.random.normal(jax.random.key(3), (vocab, 4 * hidden))
+  tokens_TxB = jax.random.randint(jax.random.key(4), (steps, batch), 0, vocab)
+  want = lstm.lstm_recurrence(kernel_h_Hx4H, bias_4H, xtable_Vx4H[tokens_TxB])
+  got = lstm.window_recurrence(kernel_h_Hx4H, bias_4H, xtable_Vx4H, tokens_TxB)
+  tol = 1e-6 * rounding_slack()
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol / 10)
+  with pytest.raises(ValueError, match=r"vocabulary \(7\) <= the batch \(5\)"):
+    lstm.window_recurrence(kernel_h_Hx4H, bias_4H, xtable_Vx4H, tokens_TxB[:, :5])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import rounding_slack, tiny_config
 
-from research import data, model, train
+from research import data, lstm, model, train
 
 
 def pair(vocab: int, layers: int, mode: str):
@@ -85,3 +85,26 @@ def test_model_from_a_config_recorded_before_model_unroll_runs_the_python_loop()
   config = tiny_config()
   config.model.unroll = 2
   assert model.model_from_config(config.model, 7).unroll == 2
+
+
+@pytest.mark.parametrize(
+  ("mode", "layers", "batch"), [("last", 1, 12), ("all", 2, 12), ("last", 1, 4)]
+)
+def test_inference_reads_token_tables_and_computes_the_training_logits(
+  monkeypatch, mode, layers, batch
+):
+  """Without a dropout key (evaluation, decoding) the first layer's first steps come from
+  per-token tables when the vocabulary is no larger than the batch; the logits are those of
+  the training path at dropout 0."""
+  calls, original = [], lstm.window_recurrence
+  monkeypatch.setattr(lstm, "window_recurrence", lambda *a: calls.append(1) or original(*a))
+  lm = model.LSTMLanguageModel(10, embed_dim=8, hidden=16, layers=layers, mode=mode)
+  params = model.init_params(lm, jax.random.key(0), 3)
+  tokens_BxT = jax.random.randint(jax.random.key(1), (batch, 3), 0, 10)
+  lengths_B = jnp.minimum(jnp.arange(batch) % 3 + 1, 3)
+  training = lm.apply({"params": params}, tokens_BxT, 0.0, jax.random.key(2), lengths_B=lengths_B)
+  assert not calls
+  inference = lm.apply({"params": params}, tokens_BxT, lengths_B=lengths_B)
+  assert len(calls) == (1 if batch >= 10 else 0)
+  tol = 1e-6 * rounding_slack()
+  np.testing.assert_allclose(inference, training, rtol=tol, atol=tol / 10)
