@@ -24,7 +24,6 @@ from research import (  # noqa: E402
   data,
   files,
   hosts,
-  report,
   results,
   study,
   workdir,
@@ -216,6 +215,10 @@ def main(argv):
       return
     phases = workdir.load(FLAGS.workdir).phases
     t = time.time()
+    # Imported here: matplotlib is half of run.py's imports, and --workers' workers never
+    # write the note.
+    from research import report  # noqa: PLC0415
+
     report.write_report(FLAGS.workdir)
     phases = dict(phases, report=time.time() - t, total=time.time() - STARTED)
     workdir.record_phases(FLAGS.workdir, phases)
