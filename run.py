@@ -43,9 +43,10 @@ flags.DEFINE_bool(
 flags.DEFINE_integer(
   "workers",
   1,
-  "Split the seeds over this many local processes, each pinned to its own CPU cores (0: one "
-  "per core). XLA:CPU runs a program on about one core, so this is how a CPU study uses more; "
-  "the results are one process's. CPU only; not with --distributed or --reevaluate.",
+  "Split the seeds over this many local processes, each pinned to its own CPU cores. XLA:CPU "
+  "runs a program on about one core, so this is how a CPU study uses more; the results are "
+  "one process's. 0: one per core on a CPU (at most one per GiB of the memory budget), one "
+  "process on an accelerator or with --distributed or --reevaluate.",
   lower_bound=0,
 )
 flags.DEFINE_bool(
@@ -191,9 +192,12 @@ def main(argv):
   except (OSError, AttributeError, SyntaxError, ImportError) as e:
     fail(f"cannot load --config={FLAGS['config'].config_filename}: {config_load_error(e)}", USAGE)
   worker = workers.this_worker()
+  count = FLAGS.workers
   if worker is not None:
     workers.start_worker(worker)
-  elif FLAGS.workers != 1:
+  elif count == 0:
+    count = 1 if FLAGS.distributed or FLAGS.reevaluate else workers.auto_count(config)
+  elif count != 1:
     check_workers()
   start_distributed()
   if FLAGS.compilation_cache:
@@ -202,10 +206,8 @@ def main(argv):
   try:
     if FLAGS.reevaluate:
       rows = study.reevaluate_study(config, FLAGS.workdir)
-    elif FLAGS.workers != 1:
-      rows = workers.run_study(
-        config, FLAGS.workdir, FLAGS.overwrite, FLAGS.workers, sys.argv, STARTED
-      )
+    elif count > 1:
+      rows = workers.run_study(config, FLAGS.workdir, FLAGS.overwrite, count, sys.argv, STARTED)
     else:
       rows = study.run_study(config, FLAGS.workdir, FLAGS.overwrite, started=STARTED)
     if worker is not None:

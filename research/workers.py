@@ -16,12 +16,16 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 from absl import logging
 
 from research import config_lib, hosts, programs, results, study, workdir
 
 WORKER = "COLLAPSE_STUDY_WORKER"  # A worker's environment holds its Block, as JSON.
+# --workers=0 gives each worker at least this much of the memory budget: a worker's JAX
+# runtime and programs alone take ~0.6 GiB (resident, blog study, 2-core Intel Xeon VM).
+WORKER_MB = 1024
 
 
 class WorkerFailed(RuntimeError):
@@ -46,10 +50,28 @@ class Block:
     return self.last - self.first + 1
 
 
+def cpus() -> list[int]:
+  """The CPUs this process may run on."""
+  return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+
+
+def budget_mb(config) -> int:
+  """The memory budget of the whole study (study.memory_budget_mb, or the default share)."""
+  return config.study.memory_budget_mb or programs.default_budget() >> 20
+
+
+def auto_count(config) -> int:
+  """--workers=0: on a CPU one worker per core, each with at least WORKER_MB of the budget;
+  elsewhere one process (each accelerator already runs its own seeds)."""
+  if jax.default_backend() != "cpu":
+    return 1
+  return max(1, min(len(cpus()), budget_mb(config) // WORKER_MB, config.study.seeds))
+
+
 def plan_blocks(seeds: int, workers: int, cpus: list[int]) -> list[Block]:
-  """Near-equal blocks of consecutive seeds, one per worker (0 workers: one per CPU; never
-  more than seeds), each pinned to its own share of the CPUs (shared when too few)."""
-  count = min(workers or len(cpus), seeds)
+  """Near-equal blocks of consecutive seeds, one per worker (never more than seeds), each
+  pinned to its own share of the CPUs (shared when too few)."""
+  count = min(workers, seeds)
   seed_blocks = np.array_split(np.arange(seeds), count)
   if count <= len(cpus):
     cpu_blocks = [tuple(int(c) for c in b) for b in np.array_split(np.asarray(cpus), count)]
@@ -198,10 +220,8 @@ def run_study(
   """
   cells = config_lib.expand_cells(config)
   study.group_cells(cells)  # Bad data or prompts fail here, once, before any worker starts.
-  cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-  blocks = plan_blocks(config.study.seeds, workers, cpus)
-  # The study's memory budget, shared: each worker plans its chunks for its part.
-  budget_mb = (config.study.memory_budget_mb or programs.default_budget() >> 20) // len(blocks)
+  blocks = plan_blocks(config.study.seeds, workers, cpus())
+  share_mb = budget_mb(config) // len(blocks)  # Each worker plans its chunks for its share.
   with workdir.open_for_study(directory, config, overwrite, study.corpora(cells)):
     pending = [c for c in cells if not workdir.cell_done(directory, c)]
     sources = [workdir.worker_dir(directory, b.first, b.last) for b in blocks]
@@ -217,9 +237,7 @@ def run_study(
         os.path.join(directory, workdir.WORKERS_DIR),
       )
       before = time.time() - started
-      commands = [
-        _argv(argv, b, config, s, budget_mb) for b, s in zip(blocks, sources, strict=True)
-      ]
+      commands = [_argv(argv, b, config, s, share_mb) for b, s in zip(blocks, sources, strict=True)]
       _run_workers(commands, blocks, sources)
       for cell in pending:
         _merge_cell(directory, cell, sources)

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, assert_same_results, load_per_seed, subprocess_env
+from conftest import ROOT, assert_same_results, load_per_seed, subprocess_env, tiny_config
 
 from research import workdir, workers
 
@@ -45,8 +45,7 @@ def test_blocks_cover_the_seeds_in_order_on_their_own_cpus():
   assert [(b.first, b.last) for b in blocks] == [(0, 3), (4, 6), (7, 9)]
   assert [b.cpus for b in blocks] == [(0, 1), (2, 3), (4, 5)]
   assert [b.index for b in blocks] == [0, 1, 2]
-  # 0 workers: one per CPU; never more workers than seeds; CPUs shared when too few.
-  assert len(workers.plan_blocks(seeds=256, workers=0, cpus=[4, 7])) == 2
+  # Never more workers than seeds; CPUs shared when too few.
   assert [b.seeds for b in workers.plan_blocks(seeds=2, workers=5, cpus=[0])] == [1, 1]
   assert [b.cpus for b in workers.plan_blocks(seeds=8, workers=3, cpus=[0, 1])] == [
     (0,),
@@ -159,3 +158,17 @@ def test_workers_refuse_other_modes_in_one_line(tmp_path, flag):
   assert out.stderr.strip().splitlines() == [
     "error: --workers=2 cannot be combined with --distributed or --reevaluate"
   ]
+
+
+def test_zero_workers_is_one_per_core_within_the_memory_budget(monkeypatch):
+  monkeypatch.setattr(workers, "cpus", lambda: list(range(8)))
+  config = tiny_config()
+  config.study.seeds = 256
+  config.study.memory_budget_mb = 100_000
+  assert workers.auto_count(config) == 8  # One per core...
+  config.study.memory_budget_mb = 3 * workers.WORKER_MB
+  assert workers.auto_count(config) == 3  # ...with a GiB of the budget each...
+  config.study.seeds = 2
+  assert workers.auto_count(config) == 2  # ...and a seed each.
+  config.study.memory_budget_mb = 100
+  assert workers.auto_count(config) == 1
