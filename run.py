@@ -196,7 +196,11 @@ def main(argv):
   if worker is not None:
     workers.start_worker(worker)
   elif count == 0:
-    count = 1 if FLAGS.distributed or FLAGS.reevaluate else workers.auto_count(config)
+    count = (
+      1
+      if FLAGS.distributed or FLAGS.reevaluate
+      else workers.auto_count(config, jax.default_backend())
+    )
   elif count != 1:
     check_workers()
   start_distributed()

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -60,10 +59,10 @@ def budget_mb(config) -> int:
   return config.study.memory_budget_mb or programs.default_budget() >> 20
 
 
-def auto_count(config) -> int:
-  """--workers=0: on a CPU one worker per core, each with at least WORKER_MB of the budget;
-  elsewhere one process (each accelerator already runs its own seeds)."""
-  if jax.default_backend() != "cpu":
+def auto_count(config, backend: str) -> int:
+  """--workers=0 on JAX's backend: on a CPU one worker per core, each with at least WORKER_MB
+  of the budget; elsewhere one process (each accelerator already runs its own seeds)."""
+  if backend != "cpu":
     return 1
   return max(1, min(len(cpus()), budget_mb(config) // WORKER_MB, config.study.seeds))
 

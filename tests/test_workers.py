@@ -9,7 +9,14 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, assert_same_results, load_per_seed, subprocess_env, tiny_config
+from conftest import (
+  ROOT,
+  SIMULATED_HOSTS,
+  assert_same_results,
+  load_per_seed,
+  subprocess_env,
+  tiny_config,
+)
 
 from research import workdir, workers
 
@@ -35,9 +42,9 @@ def write_config(tmp_path, epochs=3) -> str:
 
 def run_py(config_path, directory, *extra):
   cmd = [sys.executable, "run.py", f"--config={config_path}", f"--workdir={directory}", *extra]
-  return subprocess.run(
-    cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
-  )
+  # On the CPU on every machine: --workers splits CPU studies (refused on an accelerator).
+  env = subprocess_env(**SIMULATED_HOSTS)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_blocks_cover_the_seeds_in_order_on_their_own_cpus():
@@ -103,12 +110,14 @@ def test_a_killed_run_stops_its_workers_and_resumes_to_the_same_results(tmp_path
   cmd = [sys.executable, "run.py", f"--config={config_path}", f"--workdir={directory}"]
   with open(tmp_path / "run.log", "w") as log:
     proc = subprocess.Popen(
-      [*cmd, "--workers=2"], cwd=ROOT, env=subprocess_env(), stdout=log, stderr=log
+      [*cmd, "--workers=2"], cwd=ROOT, env=subprocess_env(**SIMULATED_HOSTS), stdout=log, stderr=log
     )
   deadline = time.time() + 240
-  cell_a = directory / "workers" / "seeds_3-5" / "cells" / "a.json"
-  while not cell_a.exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before a worker's cell"
+  cells_a = [
+    directory / "workers" / block / "cells" / "a.json" for block in ("seeds_0-2", "seeds_3-5")
+  ]
+  while not all(cell.exists() for cell in cells_a):
+    assert proc.poll() is None and time.time() < deadline, "run ended before the workers' cell a"
     time.sleep(0.02)
   worker_pids = [
     json.loads(p.read_text())["pid"] for p in (directory / "workers").glob("*/.collapse-study.lock")
@@ -165,10 +174,11 @@ def test_zero_workers_is_one_per_core_within_the_memory_budget(monkeypatch):
   config = tiny_config()
   config.study.seeds = 256
   config.study.memory_budget_mb = 100_000
-  assert workers.auto_count(config) == 8  # One per core...
+  assert workers.auto_count(config, "cpu") == 8  # One per core...
+  assert workers.auto_count(config, "gpu") == 1  # ...on a CPU only...
   config.study.memory_budget_mb = 3 * workers.WORKER_MB
-  assert workers.auto_count(config) == 3  # ...with a GiB of the budget each...
+  assert workers.auto_count(config, "cpu") == 3  # ...with a GiB of the budget each...
   config.study.seeds = 2
-  assert workers.auto_count(config) == 2  # ...and a seed each.
+  assert workers.auto_count(config, "cpu") == 2  # ...and a seed each.
   config.study.memory_budget_mb = 100
-  assert workers.auto_count(config) == 1
+  assert workers.auto_count(config, "cpu") == 1
