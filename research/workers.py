@@ -99,7 +99,7 @@ def start_worker(block: Block) -> None:
   hosts.die_with_parent()
 
 
-def _argv(argv: list[str], block: Block, config, directory: str, budget_mb: int) -> list[str]:
+def _argv(argv: list[str], block: Block, config, directory: str, share_mb: int) -> list[str]:
   """run.py's own command line, then this worker's overrides (absl: the last value wins)."""
   return [
     sys.executable,
@@ -107,7 +107,7 @@ def _argv(argv: list[str], block: Block, config, directory: str, budget_mb: int)
     f"--workdir={directory}",
     f"--config.study.seeds={block.seeds}",
     f"--config.study.seed_offset={config.study.seed_offset + block.first}",
-    f"--config.study.memory_budget_mb={budget_mb}",
+    f"--config.study.memory_budget_mb={share_mb}",
     "--nooverwrite",
     "--workers=1",
   ]
@@ -218,9 +218,18 @@ def run_study(
   argv: run.py's command line (sys.argv), which each worker runs with its own overrides.
   """
   cells = config_lib.expand_cells(config)
-  study.group_cells(cells)  # Bad data or prompts fail here, once, before any worker starts.
+  groups = study.group_cells(cells)  # Bad data or prompts fail here, once, before any worker.
   blocks = plan_blocks(config.study.seeds, workers, cpus())
-  share_mb = budget_mb(config) // len(blocks)  # Each worker plans its chunks for its share.
+  # Each worker plans its chunks for its share (0 would mean the default: at least 1 MiB).
+  share_mb = max(1, budget_mb(config) // len(blocks))
+  for group in groups:  # So does a share in which one seed cannot fit (the largest block's).
+    try:
+      study.plan(group, len(group.cells) * blocks[0].seeds, share_mb << 20)
+    except workdir.WorkdirError as e:
+      raise workdir.WorkdirError(
+        f"{len(blocks)} workers, each with {share_mb} MiB of the {budget_mb(config)} MiB "
+        f"budget: {e}"
+      ) from None
   with workdir.open_for_study(directory, config, overwrite, study.corpora(cells)):
     pending = [c for c in cells if not workdir.cell_done(directory, c)]
     sources = [workdir.worker_dir(directory, b.first, b.last) for b in blocks]

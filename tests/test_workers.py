@@ -182,3 +182,17 @@ def test_zero_workers_is_one_per_core_within_the_memory_budget(monkeypatch):
   assert workers.auto_count(config, "cpu") == 2  # ...and a seed each.
   config.study.memory_budget_mb = 100
   assert workers.auto_count(config, "cpu") == 1
+
+
+@pytest.mark.slow
+def test_a_budget_share_too_small_for_one_seed_is_refused_once_before_any_worker(tmp_path):
+  out = run_py(
+    os.path.join("configs", "tiny.py"), tmp_path / "w", "--workers=2",
+    "--config.study.memory_budget_mb=1",
+  )  # fmt: skip
+  assert out.returncode == 1, out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, out.stderr
+  assert errors[0].startswith("error: 2 workers, each with 1 MiB of the 1 MiB budget: "), errors
+  assert "is too small for default: one seed needs" in errors[0]
+  assert not (tmp_path / "w" / "workers").exists()
