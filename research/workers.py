@@ -145,14 +145,20 @@ def _run_workers(commands: list[list[str]], blocks: list[Block], directories: li
       failed = [k for k, code in enumerate(codes) if code not in (None, 0)]
       if failed:
         k = failed[0]
-        code = codes[k] if codes[k] > 0 else 1  # Killed by a signal: a runtime failure.
+        block, log_path = blocks[k], directories[k] + ".log"
+        if codes[k] < 0:  # Killed by a signal (the OOM killer, say): a runtime failure.
+          where = "its log is above" if k == 0 else f"its log: {log_path}"
+          raise WorkerFailed(
+            1,
+            f"worker {k} (seeds {block.first}-{block.last}) was killed by signal {-codes[k]}; "
+            f"{where}. Finished cells are kept: run the same command to resume",
+          )
         if k == 0:  # Its error line is already on the terminal.
-          raise WorkerFailed(code)
-        block = blocks[k]
+          raise WorkerFailed(codes[k])
         raise WorkerFailed(
-          code,
+          codes[k],
           f"worker {k} (seeds {block.first}-{block.last}) failed with exit code {codes[k]}: "
-          f"{_last_error(directories[k] + '.log')} (its log: {directories[k]}.log)",
+          f"{_last_error(log_path)} (its log: {log_path})",
         )
       if all(code == 0 for code in codes):
         return

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -196,3 +197,28 @@ def test_a_budget_share_too_small_for_one_seed_is_refused_once_before_any_worker
   assert errors[0].startswith("error: 2 workers, each with 1 MiB of the 1 MiB budget: "), errors
   assert "is too small for default: one seed needs" in errors[0]
   assert not (tmp_path / "w" / "workers").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_a_signal_is_named_in_one_line(tmp_path):
+  config_path = write_config(tmp_path, epochs=400)
+  directory = tmp_path / "w"
+  cmd = [sys.executable, "run.py", f"--config={config_path}", f"--workdir={directory}"]
+  with open(tmp_path / "run.log", "w") as log:
+    proc = subprocess.Popen(
+      [*cmd, "--workers=2"], cwd=ROOT, env=subprocess_env(**SIMULATED_HOSTS), stdout=log, stderr=log
+    )
+  locks = [directory / "workers" / b / ".collapse-study.lock" for b in ("seeds_0-2", "seeds_3-5")]
+  deadline = time.time() + 240
+  while not all(lock.exists() for lock in locks):
+    assert proc.poll() is None and time.time() < deadline, "run ended before its workers began"
+    time.sleep(0.02)
+  pids = [json.loads(lock.read_text())["pid"] for lock in locks]
+  os.kill(pids[0], signal.SIGKILL)  # As the OOM killer would.
+  assert proc.wait(timeout=60) == 1
+  errors = [line for line in (tmp_path / "run.log").read_text().splitlines() if "error: " in line]
+  assert errors == [
+    "error: worker 0 (seeds 0-2) was killed by signal 9; its log is above. Finished cells are "
+    "kept: run the same command to resume"
+  ]
+  assert not _alive(pids[1])
