@@ -132,7 +132,17 @@ def _pid_alive(pid: int) -> bool:
     return False
   except PermissionError:
     return True
-  return True
+  return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+  """Whether pid has exited but not been reaped: a --workers worker whose parent was killed
+  stays one until init reaps it, which some containers' init never does. It holds no lock."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rpartition(")")[2].split()[0] == "Z"
+  except (OSError, IndexError):
+    return False  # No /proc (macOS): os.kill's answer stands.
 
 
 def _acquire_lock(directory: str) -> str:

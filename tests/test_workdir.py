@@ -3,7 +3,10 @@
 import json
 import logging
 import os
+import platform
 import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -166,6 +169,22 @@ def test_the_lock_refuses_a_second_run_and_a_dead_holders_lock_is_taken_over(tmp
   with caplog.at_level(logging.WARNING), opened(tmp_path):
     assert json.loads((tmp_path / workdir.LOCK).read_text())["pid"] == os.getpid()
   assert f"stale lock of dead pid {dead.pid}" in caplog.text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_zombie_holder_of_the_lock_counts_as_dead(tmp_path, caplog):
+  """A --workers worker killed with its parent stays a zombie until init reaps it."""
+  zombie = subprocess.Popen(["true"])  # Exits at once; not waited for: a zombie.
+  deadline = time.time() + 30
+  while open(f"/proc/{zombie.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+    assert time.time() < deadline
+    time.sleep(0.01)
+  host = platform.node()
+  (tmp_path / workdir.LOCK).write_text(json.dumps(dict(pid=zombie.pid, host=host)))
+  with caplog.at_level(logging.WARNING), opened(tmp_path):
+    assert json.loads((tmp_path / workdir.LOCK).read_text())["pid"] == os.getpid()
+  assert f"stale lock of dead pid {zombie.pid}" in caplog.text
+  zombie.wait()
 
 
 def test_loading_reaches_arrays_by_cell_and_decoding(blog_workdir):
