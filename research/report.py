@@ -87,6 +87,8 @@ def format_phases(phases: dict) -> str:
       f"{phases['programs_compiled']} programs compiled, "
       f"{phases.get('compilation_cache_hits', 0)} from the compilation cache"
     )
+  if phases.get("workers", 1) > 1:  # run.py --workers: each phase is the slowest worker's.
+    parts.append(f"{phases['workers']} worker processes")
   return "; ".join(parts)
 
 

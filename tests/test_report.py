@@ -8,6 +8,8 @@ import sys
 import pytest
 from conftest import ROOT, subprocess_env
 
+from research import report
+
 
 def test_blog_report_has_setup_table_plots_examples_and_claims(blog_workdir):
   directory, _ = blog_workdir
@@ -58,3 +60,13 @@ def test_standalone_command_without_results_fails_clearly(tmp_path):
   out = run_report_module(tmp_path)
   assert out.returncode != 0
   assert "no results.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_phases_in_one_line_name_the_worker_processes():
+  phases = dict(startup=1.04, train=18.7, total=31.9, programs_compiled=22)
+  line = report.format_phases(dict(phases, compilation_cache_hits=22, workers=2))
+  assert line == (
+    "startup 1.0 s; train 18.7 s; total 31.9 s; 22 programs compiled, 22 from the compilation "
+    "cache; 2 worker processes"
+  )
+  assert "worker" not in report.format_phases(dict(phases, workers=1))
