@@ -115,15 +115,16 @@ def lstm_recurrence(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, unroll=0):
 
 
 def window_recurrence(kernel_h_Hx4H, bias_4H, xtable_Vx4H, tokens_TxB):
-  """lstm_recurrence(kernel_h, bias, xtable[tokens]) without gradients, the first two steps
-  read from per-token tables: h at every step, TxBxH.
+  """lstm_recurrence(kernel_h, bias, xtable[tokens]) for inference (no hand-written VJP), the
+  first two steps read from per-token tables: h at every step, TxBxH.
 
   From a zero carry, step 0 depends on a window's first token only, and so does step 1's
   recurrent input h_0 @ W_h. Both are computed once per vocabulary entry (V rows) rather than
   once per window, which saves one of a window's T - 1 recurrent matmuls: a third of greedy
   decoding's time at the blog's T = 3. The table's matmul runs on as many rows as the batch
   (rows repeated): at the same shape XLA computes every row exactly as in the per-window
-  matmul, so the result equals lstm_recurrence bit for bit (tests/test_lstm.py). Needs V <= B.
+  matmul, so the blog study's results stayed bit for bit the same on a CPU (README, Results;
+  tests/test_lstm.py checks it to float tolerance). Needs V <= B.
   """
   hidden, vocab = kernel_h_Hx4H.shape[0], xtable_Vx4H.shape[0]
   batch = tokens_TxB.shape[1]
