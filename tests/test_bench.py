@@ -1,5 +1,5 @@
-"""The bench scripts (throughput.py, scale.py, compile_time.py, profile.py, cores.py) run end
-to end (--quick) and write complete results."""
+"""The bench scripts (throughput.py, scale.py, compile_time.py, profile.py, cores.py,
+workers.py) run end to end (--quick) and write complete results."""
 
 import json
 import os
@@ -128,3 +128,19 @@ def test_quick_cores_bench_times_each_way_of_using_the_cores(tmp_path):
   for r in runs.values():
     assert r["wall_s"] == max(r["child_s"]) > 0
   assert runs["all_cores"]["speedup"] == 1.0
+
+
+@pytest.mark.slow
+def test_quick_workers_bench_times_a_study_with_and_without_workers(tmp_path):
+  out = tmp_path / "workers.json"
+  proc = run_quick("workers.py", out, timeout=300)
+  assert "speed-up" in proc.stdout
+  results = json.loads(out.read_text())
+  assert results["config"] == "configs/tiny.py"
+  runs = results["runs"]
+  assert [(r["round"], r["workers"]) for r in runs] == [(0, 1), (0, 2)]
+  assert runs[0]["speedup"] == 1.0 and runs[1]["speedup"] > 0
+  assert runs[0]["bitwise_equal"] and runs[0]["max_abs_diff"] == 0.0  # The reference itself.
+  assert runs[1]["max_abs_diff"] < 1e-4  # 2 x 2 seeds against 4: float rounding at most.
+  assert runs[1]["phases"]["workers"] == 2 and "workers" not in runs[0]["phases"]
+  assert all(r["wall_s"] >= r["phases"]["total"] > 0 for r in runs)
