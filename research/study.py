@@ -357,7 +357,7 @@ def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, 
   return _Trained(state, np.concatenate(losses, axis=1), curves, train_s, eval_s)
 
 
-def _budget(config) -> int:
+def budget_bytes(config) -> int:
   """Bytes each process plans for: study.memory_budget_mb, or a safe share when it is 0 (the
   smallest host's, as every process must cut the same chunks)."""
   mib = config.study.memory_budget_mb or programs.default_budget() >> 20
@@ -547,7 +547,7 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
   pending = [c for c in cells if c.name not in done]
   seed_epochs = sum(c.config.train.epochs for c in pending) * config.study.seeds
   progress = _Progress(len(cells), seed_epochs)
-  budget = _budget(config)
+  budget = budget_bytes(config)
   for group in groups:
     for cell in group.cells:
       if cell.name in done:
@@ -593,7 +593,7 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
   )
   sharding = NamedSharding(programs.mesh(), P("seeds"))
   with opened or contextlib.nullcontext():
-    budget = _budget(config)
+    budget = budget_bytes(config)
     for group in groups:
       eval_seeds = plan(group, config.study.seeds, budget).eval_seeds
       for cell in group.cells:

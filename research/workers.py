@@ -19,7 +19,7 @@ import time
 import numpy as np
 from absl import logging
 
-from research import config_lib, hosts, programs, results, study, workdir
+from research import config_lib, hosts, results, study, workdir
 
 WORKER = "COLLAPSE_STUDY_WORKER"  # A worker's environment holds its Block, as JSON.
 # --workers=0 gives each worker at least this much of the memory budget: a worker's JAX
@@ -54,17 +54,13 @@ def cpus() -> list[int]:
   return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
 
 
-def budget_mb(config) -> int:
-  """The memory budget of the whole study (study.memory_budget_mb, or the default share)."""
-  return config.study.memory_budget_mb or programs.default_budget() >> 20
-
-
 def auto_count(config, backend: str) -> int:
   """--workers=0 on JAX's backend: on a CPU one worker per core, each with at least WORKER_MB
   of the budget; elsewhere one process (each accelerator already runs its own seeds)."""
   if backend != "cpu":
     return 1
-  return max(1, min(len(cpus()), budget_mb(config) // WORKER_MB, config.study.seeds))
+  budget_mb = study.budget_bytes(config) >> 20
+  return max(1, min(len(cpus()), budget_mb // WORKER_MB, config.study.seeds))
 
 
 def plan_blocks(seeds: int, workers: int, cpus: list[int]) -> list[Block]:
@@ -227,14 +223,14 @@ def run_study(
   groups = study.group_cells(cells)  # Bad data or prompts fail here, once, before any worker.
   blocks = plan_blocks(config.study.seeds, workers, cpus())
   # Each worker plans its chunks for its share (0 would mean the default: at least 1 MiB).
-  share_mb = max(1, budget_mb(config) // len(blocks))
+  budget_mb = study.budget_bytes(config) >> 20
+  share_mb = max(1, budget_mb // len(blocks))
   for group in groups:  # So does a share in which one seed cannot fit (the largest block's).
     try:
       study.plan(group, len(group.cells) * blocks[0].seeds, share_mb << 20)
     except workdir.WorkdirError as e:
       raise workdir.WorkdirError(
-        f"{len(blocks)} workers, each with {share_mb} MiB of the {budget_mb(config)} MiB "
-        f"budget: {e}"
+        f"{len(blocks)} workers, each with {share_mb} MiB of the {budget_mb} MiB budget: {e}"
       ) from None
   with workdir.open_for_study(directory, config, overwrite, study.corpora(cells)):
     pending = [c for c in cells if not workdir.cell_done(directory, c)]

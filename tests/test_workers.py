@@ -94,14 +94,6 @@ def test_two_workers_give_one_process_results_models_and_reevaluation(tmp_path):
   assert_same_results(load_per_seed(tmp_path / "one"), load_per_seed(tmp_path / "two"))
 
 
-def _alive(pid: int) -> bool:
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().split(") ")[-1][0] != "Z"  # A zombie is dead.
-  except OSError:
-    return False
-
-
 @pytest.mark.slow
 def test_a_killed_run_stops_its_workers_and_resumes_to_the_same_results(tmp_path):
   config_path = write_config(tmp_path, epochs=400)
@@ -127,9 +119,9 @@ def test_a_killed_run_stops_its_workers_and_resumes_to_the_same_results(tmp_path
   proc.kill()
   proc.wait(timeout=60)
   deadline = time.time() + 30
-  while any(_alive(pid) for pid in worker_pids) and time.time() < deadline:
+  while any(workdir._pid_alive(pid) for pid in worker_pids) and time.time() < deadline:
     time.sleep(0.05)
-  assert not any(_alive(pid) for pid in worker_pids), "a worker outlived its parent"
+  assert not any(workdir._pid_alive(pid) for pid in worker_pids), "a worker outlived its parent"
   assert not (directory / "results.json").exists()
   resumed = run_py(config_path, directory, "--workers=2")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -157,7 +149,7 @@ def test_a_failing_worker_stops_the_others_with_one_line(tmp_path):
   assert "Traceback" not in out.stderr
   lock = directory / "workers" / "seeds_0-2" / ".collapse-study.lock"
   if lock.exists():  # Worker 0 was stopped mid-run (not if it had already finished).
-    assert not _alive(json.loads(lock.read_text())["pid"])
+    assert not workdir._pid_alive(json.loads(lock.read_text())["pid"])
 
 
 @pytest.mark.slow
@@ -221,4 +213,4 @@ def test_a_worker_killed_by_a_signal_is_named_in_one_line(tmp_path):
     "error: worker 0 (seeds 0-2) was killed by signal 9; its log is above. Finished cells are "
     "kept: run the same command to resume"
   ]
-  assert not _alive(pids[1])
+  assert not workdir._pid_alive(pids[1])
