@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU (or TPU) machine: the blog study cold and warm, both test tiers, the
-# throughput bench at 1k/8k/32k seeds, the train step's profile at 32k seeds (in that order);
-# prints one table and writes bench/accelerator/.
+# throughput bench at 1k/8k/32k seeds, the train step's profile at 32k seeds, and the full-size
+# runs of bench/scale.py that a 2-core CPU cannot finish (the word run at V = 20 001 and the
+# blog study at 100 000 seeds), in that order; prints one table and writes bench/accelerator/.
 #
 #   bash bench/accelerator.sh            # from the repository root, with the package installed
 #   (pip install -e '.[cuda,test]'; the machine needs ml-collections and orbax-checkpoint too)
@@ -40,6 +41,8 @@ timed tests_slow env XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:
 timed bench $py bench/throughput.py --seeds=1024,8192,32768 --repeats=3 --loop_seeds=3 \
   --impl_seeds=8192 --out="$out/throughput.json"
 timed profile $py bench/profile.py --seeds=32768 --variants=fused,fused:tf32 --out="$out/profile.json"
+timed scale $py bench/scale.py --runs=words,blog --save_models=false --timeout=0 \
+  --logs_dir="$out/scale_logs" --out="$out/scale.json"
 
 $py - "$out" "$device" <<'PY'
 import json, os, sys
@@ -66,6 +69,12 @@ for name, (seconds, rc) in times.items():
     r = json.load(open(f"{out}/profile.json"))
     detail = "; ".join(f"{v['variant']} {v['seeds_per_s_100_epochs']:.0f} seeds/s"
                        for v in r["results"])
+  if name == "scale" and os.path.exists(f"{out}/scale.json"):
+    r = json.load(open(f"{out}/scale.json"))
+    detail = "; ".join(
+      f"{v['name']} {'ok' if v['finished'] else 'NOT finished'} {v['wall_s']:.0f} s "
+      f"(train {v['train_s'] or 0:.0f}, eval {v['eval_s'] or 0:.0f}), "
+      f"peak RSS {v['peak_rss_mb']:.0f} MB" for v in r["runs"])
   if name.startswith("tests") and rc != "skipped":
     lines = open(f"{out}/{name}.log").read().strip().splitlines()
     detail = lines[-1] if lines else ""

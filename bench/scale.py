@@ -13,10 +13,11 @@ programs and every host copy. Runs:
      words (pydoc_topics has only ~3.8k), word level, --seeds seeds, 1 epoch;
   3. blog_<S>: configs/blog.py (three scenarios, 100 epochs) at --blog_seeds seeds.
 Every run gets --config.study.memory_budget_mb=--memory_budget_mb, so the engine plans its
-chunks for the target. Recorded per run: wall seconds, peak RSS (the child's own, from
-wait4), whether it finished, was killed or timed out, the memory plan lines the study logs
-at start-up, and from each finished cells/*.json its seconds (training and evaluation of
-its chunks, compilation included) and sizes. Nothing else is read from the logs.
+chunks for the target, and --workers and --save_models as given. Recorded per run: wall
+seconds, peak RSS (of the whole process tree: with --workers > 1 the study's worker
+processes are grandchildren), whether it finished, was killed or timed out, the memory plan
+lines the study logs at start-up, and from each finished cells/*.json its seconds (training
+and evaluation of its chunks, compilation included) and sizes. Nothing else is read from the logs.
 """
 
 import os
@@ -41,7 +42,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import machine_info, tree_rss_mb  # noqa: E402
 from research import files  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -54,7 +55,9 @@ flags.DEFINE_integer("word_tokens", 100000, "Words (tokens) of the synthetic wor
 flags.DEFINE_integer("blog_seeds", 100000, "Seeds per scenario of the configs/blog.py run.")
 flags.DEFINE_integer("blog_epochs", 0, "train.epochs of the blog run (0: the config's 100).")
 flags.DEFINE_integer("memory_budget_mb", 4096, "study.memory_budget_mb of every run: the target.")
-flags.DEFINE_float("timeout", 1500.0, "Seconds after which a run is stopped, as not finished.")
+flags.DEFINE_integer("workers", 1, "run.py --workers of every run (0: one per CPU core).")
+flags.DEFINE_bool("save_models", True, "study.save_models of every run (100k seeds: ~40 GB).")
+flags.DEFINE_float("timeout", 1500.0, "Seconds after which a run is stopped (0: never).")
 flags.DEFINE_string("logs_dir", "", "Keep each run's stdout and stderr here (default: dropped).")
 flags.DEFINE_string("out", os.path.join(ROOT, "bench", "scale.json"), "Where to write results.")
 
@@ -186,40 +189,29 @@ def plan_runs(settings: dict, corpus_file: str) -> list[Run]:
   return runs
 
 
-def _vm_hwm_mb(pid: int) -> float:
-  """The live child's peak RSS so far (VmHWM), or 0 once it is gone."""
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return 0.0
-
-
 def run_child(argv: list, stdout_path: str, stderr_path: str, timeout: float) -> Child:
   """Runs argv to the end (or stops it after `timeout` s) and measures it.
 
-  Peak RSS is the child's own ru_maxrss from wait4: RUSAGE_CHILDREN would give the largest of
-  all children so far. VmHWM, polled while it runs, covers platforms where wait4 reports none.
+  Peak RSS: the largest sum of VmRSS over the child's process tree, polled every POLL_S, or
+  the child's own ru_maxrss from wait4 where that is larger (a peak between polls, or no
+  /proc). RUSAGE_CHILDREN would give the largest single process so far, not a sum.
   """
   loads = []
   with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err)
-  hwm_mb, timed_out, kill_at, last_load = 0.0, False, None, 0.0
+  tree_mb, timed_out, kill_at, last_load = 0.0, False, None, 0.0
   try:
     while True:
       pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
       now = time.perf_counter()
       if pid:
         break
-      hwm_mb = max(hwm_mb, _vm_hwm_mb(proc.pid))
+      tree_mb = max(tree_mb, tree_rss_mb(proc.pid))
       if now - last_load >= 5.0:
         loads.append(os.getloadavg()[0])
         last_load = now
-      if not timed_out and now - start > timeout:
+      if not timed_out and timeout and now - start > timeout:
         timed_out, kill_at = True, now + GRACE_S
         proc.send_signal(signal.SIGTERM)
       elif kill_at and now > kill_at:
@@ -234,7 +226,7 @@ def run_child(argv: list, stdout_path: str, stderr_path: str, timeout: float) ->
   return Child(
     returncode=proc.returncode,
     wall_s=now - start,
-    peak_rss_mb=max(usage.ru_maxrss / 1024, hwm_mb),  # ru_maxrss is in KiB on Linux.
+    peak_rss_mb=max(usage.ru_maxrss / 1024, tree_mb),  # ru_maxrss is in KiB on Linux.
     timed_out=timed_out,
     load_average=dict(min=min(loads), mean=float(np.mean(loads)), max=max(loads)),
   )
@@ -290,6 +282,8 @@ def measure(run: Run, scratch: str, settings: dict) -> dict:
     "run.py",
     *run.config_args,
     f"--config.study.memory_budget_mb={settings['memory_budget_mb']}",
+    f"--config.study.save_models={settings['save_models']}",
+    f"--workers={settings['workers']}",
     f"--workdir={directory}",
   ]
   logs = settings["logs_dir"] or scratch
@@ -389,9 +383,11 @@ def _status(r: dict) -> str:
 def format_table(results: dict) -> str:
   m, settings, targets = results["machine"], results["settings"], results["targets"]
   budget = settings["memory_budget_mb"]
+  timeout = f"{settings['timeout']:.0f} s" if settings["timeout"] else "none"
   lines = [
     f"{m['cpu_model']} | {m['cpus_usable']} cores | {m['memory_gb']} GB | {m['backend']} | "
-    f"jax {m['jax']} | budget {budget} MiB | timeout {settings['timeout']:.0f} s",
+    f"jax {m['jax']} | budget {budget} MiB | workers {settings['workers']} | "
+    f"save_models {settings['save_models']} | timeout {timeout}",
     "",
     f"{'run':<14} {'V':>6} {'windows':>8} {'seeds':>7} {'epochs':>6} {'wall s':>8} "
     f"{'cells s':>8} {'train s':>8} {'eval s':>7} {'peak RSS MB':>11} {'RSS<=budget':>11} "
@@ -444,11 +440,15 @@ def main(argv):
     blog_seeds=FLAGS.blog_seeds,
     blog_epochs=FLAGS.blog_epochs,
     memory_budget_mb=FLAGS.memory_budget_mb,
+    workers=FLAGS.workers,
+    save_models=FLAGS.save_models,
     timeout=FLAGS.timeout,
     logs_dir=os.path.abspath(FLAGS.logs_dir) if FLAGS.logs_dir else "",
   )
   if FLAGS.quick:
     settings.update(QUICK, blog_epochs=FLAGS.blog_epochs or QUICK_BLOG_EPOCHS)
+  # A SIGTERM (`timeout`, bench/accelerator.sh) unwinds like Ctrl-C: run_child kills its run.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   start = time.perf_counter()
   results = dict(
     machine=machine_info(),

@@ -9,6 +9,8 @@ import sys
 import pytest
 from conftest import ROOT, subprocess_env
 
+from bench import machine
+
 
 def run_quick(script: str, out, timeout: int):
   """bench/<script> --quick --out=<out>, as a user runs it from the repository root."""
@@ -25,6 +27,25 @@ def run_quick(script: str, out, timeout: int):
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
+
+
+def test_tree_rss_counts_grandchildren():
+  """scale.py's peak RSS includes run.py --workers' processes, grandchildren of the bench."""
+  hold = "x = bytearray(300 << 20); print('ready', flush=True); import time; time.sleep(60)"
+  # The trailing `; true` keeps the shell as the parent instead of exec'ing python.
+  shell = subprocess.Popen(
+    ["sh", "-c", f'{sys.executable} -c "{hold}"; true'], stdout=subprocess.PIPE, text=True
+  )
+  try:
+    assert shell.stdout.readline().strip() == "ready"
+    tree_mb = machine.tree_rss_mb(shell.pid)
+    assert tree_mb >= 300, tree_mb
+    assert machine.tree_rss_mb(shell.pid) - machine._rss_mb(shell.pid) >= 300
+  finally:
+    for pid in machine._children().get(shell.pid, []):
+      os.kill(pid, 9)
+    shell.wait(timeout=30)
+  assert machine.tree_rss_mb(shell.pid) == 0.0  # Gone and reaped: nothing is counted.
 
 
 @pytest.mark.slow
