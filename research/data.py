@@ -104,10 +104,15 @@ class Dataset:
     return self.windows_NxW[:, :-1]
 
   @property
+  def first_windows_C(self) -> np.ndarray:
+    """Index of the first window of each distinct context, in order of first appearance."""
+    _, first = np.unique(self.contexts_NxT, axis=0, return_index=True)
+    return np.sort(first)
+
+  @property
   def distinct_contexts_CxT(self) -> np.ndarray:
     """Distinct training contexts, in order of first appearance."""
-    _, first = np.unique(self.contexts_NxT, axis=0, return_index=True)
-    return self.contexts_NxT[np.sort(first)]
+    return self.contexts_NxT[self.first_windows_C]
 
   def encode(self, text: str) -> np.ndarray:
     """Token ids of `text`; a token outside the vocabulary is an error naming it."""

@@ -154,21 +154,40 @@ def _map_rows(fn, rows_NxT, chunk: int):
   return jax.tree_util.tree_map(lambda x: x.reshape(steps * chunk, *x.shape[2:])[:num], out)
 
 
-def _window_metrics(apply, inputs_NxT, targets, chunk: int):
-  """(final_loss, accuracy, entropy, argmax_constant) over every training window."""
+@struct.dataclass
+class WindowMetrics:
+  """Metrics of the model's next-token predictions on the training windows (no dropout)."""
+
+  loss: jax.Array  # Mean cross-entropy over every window (and position, in "all" mode).
+  accuracy: jax.Array
+  entropy: jax.Array
+  argmax_constant: jax.Array
+  unigram_kl: jax.Array  # Mean over distinct contexts: each context's first window counts once.
+
+
+def _window_metrics(apply, inputs_NxT, targets, first_C, unigram_V, chunk: int) -> WindowMetrics:
+  """Every training window's metrics, one pass over the windows (in chunks of `chunk`).
+
+  The unigram KL is read from the same logits at each distinct context's first window
+  (first_C), rather than from a second pass over the distinct contexts.
+  """
   num = inputs_NxT.shape[0]
 
   def last(x):
     return x if x.ndim == 2 else x[:, -1]  # "all" mode: the prediction at the last position.
 
+  def kl_rows(logits_BxV):
+    return jax.vmap(lambda row_V: metrics.unigram_kl(row_V[None], unigram_V))(logits_BxV)
+
   if num <= chunk:  # One pass: the computation the blog study's numbers come from.
     logits = apply(inputs_NxT)
     logits_NxV, targets_N = last(logits), targets if targets.ndim == 1 else targets[:, -1]
-    return (
-      train_lib.cross_entropy(logits, targets, jnp.ones(num)),
-      jnp.mean(jnp.argmax(logits_NxV, -1) == targets_N),
-      metrics.mean_entropy(logits_NxV),
-      metrics.argmax_constant(logits_NxV),
+    return WindowMetrics(
+      loss=train_lib.cross_entropy(logits, targets, jnp.ones(num)),
+      accuracy=jnp.mean(metrics.argmax_last(logits_NxV) == targets_N),
+      entropy=metrics.mean_entropy(logits_NxV),
+      argmax_constant=metrics.argmax_constant(logits_NxV),
+      unigram_kl=jnp.mean(kl_rows(logits_NxV[first_C])),
     )
   index_N = jnp.arange(num)
 
@@ -178,12 +197,25 @@ def _window_metrics(apply, inputs_NxT, targets, chunk: int):
     ce = jax.nn.logsumexp(logits, -1) - jnp.sum(jnp.where(is_label, logits, 0.0), -1)
     logp_BxV = jax.nn.log_softmax(last(logits), -1)
     last_B = targets_B if targets_B.ndim == 1 else targets_B[:, -1]
-    pred_B = jnp.argmax(logp_BxV, -1)
+    pred_B = metrics.argmax_last(logp_BxV)
     entropy_B = -jnp.sum(jnp.exp(logp_BxV) * logp_BxV, -1)
-    return (ce if ce.ndim == 1 else ce.mean(-1)), pred_B == last_B, entropy_B, pred_B
+    return dict(
+      ce=ce if ce.ndim == 1 else ce.mean(-1),
+      correct=pred_B == last_B,
+      entropy=entropy_B,
+      pred=pred_B,
+      kl=kl_rows(last(logits)),
+    )
 
-  ce_N, correct_N, entropy_N, pred_N = _map_rows(rows, index_N, chunk)
-  return ce_N.mean(), correct_N.mean(), entropy_N.mean(), jnp.all(pred_N == pred_N[0])
+  per_window = _map_rows(rows, index_N, chunk)
+  pred_N = per_window["pred"]
+  return WindowMetrics(
+    loss=per_window["ce"].mean(),
+    accuracy=per_window["correct"].mean(),
+    entropy=per_window["entropy"].mean(),
+    argmax_constant=jnp.all(pred_N == pred_N[0]),
+    unigram_kl=per_window["kl"][first_C].mean(),
+  )
 
 
 def make_evaluate(
@@ -198,7 +230,7 @@ def make_evaluate(
   inputs_NxT, targets = map(
     jnp.asarray, train_lib.split_window(dataset.windows_NxW, config.model.mode)
   )
-  contexts_CxT = jnp.asarray(dataset.distinct_contexts_CxT)
+  first_C = jnp.asarray(dataset.first_windows_C)
   next_N = jnp.asarray(dataset.windows_NxW[:, -1])
   prompts_PxT, lengths_P = generate_lib.prepare_prompts(
     choose_prompts(config, dataset).ids, dataset.context_length
@@ -208,23 +240,16 @@ def make_evaluate(
   greedy = generate_lib.make_generate(model, greedy_cfg)
   vocab_size, context = dataset.vocab_size, dataset.context_length
 
-  def apply_fn(state):
-    return lambda inputs_BxT: model.apply({"params": state.params}, inputs_BxT)
-
-  def unigram_kl(state):
+  def window_metrics(state) -> WindowMetrics:
     unigram_V = metrics.unigram_distribution(next_N, vocab_size)  # Traced: constant-folded.
 
-    def kl_rows(contexts_BxT):
-      logits = model.apply({"params": state.params}, contexts_BxT)
-      logits_BxV = logits if logits.ndim == 2 else logits[:, -1]
-      return jax.vmap(lambda row_V: metrics.unigram_kl(row_V[None], unigram_V))(logits_BxV)
+    def apply(inputs_BxT):
+      return model.apply({"params": state.params}, inputs_BxT)
 
-    return jnp.mean(_map_rows(kl_rows, contexts_CxT, window_chunk))
+    return _window_metrics(apply, inputs_NxT, targets, first_C, unigram_V, window_chunk)
 
   def final(state: train_lib.TrainState) -> Evaluation:
-    final_loss, accuracy, entropy, constant = _window_metrics(
-      apply_fn(state), inputs_NxT, targets, window_chunk
-    )
+    windows = window_metrics(state)
     decoded = {}
     for index, (decoding, generate) in enumerate(generators):
       key = jax.random.fold_in(jax.random.fold_in(state.key, 2), index)
@@ -235,26 +260,26 @@ def make_evaluate(
       decoded[decoding.name] = decode_metrics(gen.tokens_PxL, vocab_size, is_greedy, context)
     # LSTM gates saturate, so even absurd step sizes rarely overflow: a loss far above the
     # untrained log(V) counts as diverged too.
-    exploded = ~(final_loss <= config.train.divergence_factor * jnp.log(vocab_size))
+    exploded = ~(windows.loss <= config.train.divergence_factor * jnp.log(vocab_size))
     evals = EvalMetrics(
-      final_loss=final_loss,
-      accuracy=accuracy,
-      entropy=entropy,
-      argmax_constant=constant,
-      unigram_kl=unigram_kl(state),
+      final_loss=windows.loss,
+      accuracy=windows.accuracy,
+      entropy=windows.entropy,
+      argmax_constant=windows.argmax_constant,
+      unigram_kl=windows.unigram_kl,
       probe=probe,
       diverged=state.diverged | exploded,
     )
     return Evaluation(train=evals, decodings=decoded)
 
   def dynamics(state: train_lib.TrainState) -> Dynamics:
-    loss, _, _, constant = _window_metrics(apply_fn(state), inputs_NxT, targets, window_chunk)
+    windows = window_metrics(state)
     x_PxL = greedy(state.params, prompts_PxT, lengths_P, state.key).tokens_PxL
     return Dynamics(
       collapsed=metrics.seed_collapsed(x_PxL),
-      argmax_constant=constant,
-      loss=loss,
-      unigram_kl=unigram_kl(state),
+      argmax_constant=windows.argmax_constant,
+      loss=windows.loss,
+      unigram_kl=windows.unigram_kl,
       top_token_share=metrics.top_token_share(x_PxL, vocab_size),
       collapse_token=x_PxL[0, -1],
     )

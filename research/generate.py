@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from research import schema
+from research import metrics, schema
 
 STRATEGIES = schema.STRATEGIES
 
@@ -33,7 +33,7 @@ def choose(logits_PxV, key, gen_cfg):
   """Picks the next token per row with the configured decoding strategy."""
   strategy = gen_cfg.strategy
   if strategy == "greedy":
-    return jnp.argmax(logits_PxV, axis=-1)
+    return metrics.argmax_last(logits_PxV)
   logits = logits_PxV / gen_cfg.temperature
   if strategy == "top_k":
     kth_V = jax.lax.top_k(logits, gen_cfg.top_k)[0][..., -1:]

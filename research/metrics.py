@@ -71,6 +71,38 @@ def top_token_share(x_PxL, vocab_size: int) -> jax.Array:
   return jnp.max(jnp.bincount(x_PxL.reshape(-1), length=vocab_size)) / x_PxL.size
 
 
+ARGMAX_BLOCK = 128  # Columns per block in argmax_last; rows up to twice this use jnp.argmax.
+
+
+def argmax_last(x_NxV) -> jax.Array:
+  """jnp.argmax(x, axis=-1): the same indices (the first maximum, or the first NaN), faster.
+
+  XLA:CPU runs argmax as a (value, index) reduction that it does not vectorise: at
+  V = 20 001 that is ~6x a max, and half of a greedy decoding step. On a CPU, plain maxima of
+  128-column blocks (NaN-free ones; reduce_window's max drops NaN) pick the block, and argmax
+  runs within that block only: ~3x faster. Other backends keep jnp.argmax.
+  """
+  num = x_NxV.shape[-1]
+  if num <= 2 * ARGMAX_BLOCK or jax.default_backend() != "cpu":
+    return jnp.argmax(x_NxV, axis=-1)
+  blocks = -(-num // ARGMAX_BLOCK)
+  window = (1,) * (x_NxV.ndim - 1) + (ARGMAX_BLOCK,)
+  padding = ((0, 0),) * (x_NxV.ndim - 1) + ((0, blocks * ARGMAX_BLOCK - num),)
+
+  def block_max(v, lowest):
+    return jax.lax.reduce_window(v, lowest, jax.lax.max, window, window, padding)
+
+  maxima = block_max(x_NxV, jnp.array(-jnp.inf, x_NxV.dtype))
+  nan_blocks = block_max((x_NxV != x_NxV).astype(jnp.int8), jnp.int8(0))  # int8: 3x a float.
+  has_nan = jnp.max(nan_blocks, axis=-1) > 0
+  block = jnp.where(has_nan, jnp.argmax(nan_blocks, axis=-1), jnp.argmax(maxima, axis=-1))
+  # The last block's columns past the end are clamped to the last column: repeats after it,
+  # which argmax (the first maximum) never picks.
+  cols = jnp.minimum(block[..., None] * ARGMAX_BLOCK + jnp.arange(ARGMAX_BLOCK), num - 1)
+  within = jnp.argmax(jnp.take_along_axis(x_NxV, cols, axis=-1), axis=-1)
+  return block * ARGMAX_BLOCK + within
+
+
 def mean_entropy(logits_NxV) -> jax.Array:
   """Mean entropy (nats) of the next-token distributions."""
   logp = jax.nn.log_softmax(logits_NxV, axis=-1)
@@ -79,7 +111,7 @@ def mean_entropy(logits_NxV) -> jax.Array:
 
 def argmax_constant(logits_NxV) -> jax.Array:
   """The argmax prediction is the same for every context."""
-  pred_N = jnp.argmax(logits_NxV, axis=-1)
+  pred_N = argmax_last(logits_NxV)
   return jnp.all(pred_N == pred_N[0])
 
 

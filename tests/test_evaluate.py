@@ -94,7 +94,7 @@ def test_windows_in_chunks_give_the_one_pass_metrics(mode):
   whole = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings).final)(state)
   # 95 windows in chunks of 8: the last chunk is padded and must not count.
   chunked = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, 8).final)(state)
-  for field in ("final_loss", "accuracy", "entropy"):
+  for field in ("final_loss", "accuracy", "entropy", "unigram_kl"):
     np.testing.assert_allclose(
       getattr(chunked.train, field), getattr(whole.train, field), rtol=1e-5, err_msg=field
     )
@@ -102,6 +102,28 @@ def test_windows_in_chunks_give_the_one_pass_metrics(mode):
   constant = state.replace(params=jax.tree_util.tree_map(jnp.zeros_like, state.params))
   run = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, 8).final)
   assert bool(run(constant).train.argmax_constant)  # All-zero weights: one prediction.
+
+
+@pytest.mark.parametrize("chunk", [evaluate.WINDOW_CHUNK, 8])
+def test_unigram_kl_is_the_mean_over_distinct_contexts(setup, chunk):
+  cell, dataset, state, _ = setup
+  contexts_NxT = dataset.contexts_NxT
+  assert len(dataset.distinct_contexts_CxT) < len(contexts_NxT)  # Some contexts repeat.
+  np.testing.assert_array_equal(
+    dataset.distinct_contexts_CxT, contexts_NxT[dataset.first_windows_C]
+  )
+  lm = model.model_from_config(cell.config.model, dataset.vocab_size)
+  u_V = metrics.unigram_distribution(jnp.asarray(dataset.windows_NxW[:, -1]), dataset.vocab_size)
+
+  def mean_kl(contexts):
+    logits_XxV = lm.apply({"params": state.params}, contexts)
+    return np.mean([metrics.unigram_kl(row_V[None], u_V) for row_V in logits_XxV])
+
+  got = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, chunk).final)(state)
+  expected = mean_kl(dataset.distinct_contexts_CxT)
+  np.testing.assert_allclose(got.train.unigram_kl, expected, rtol=1e-5)
+  # Each context counts once: a mean over every window weights repeated contexts more.
+  assert not np.isclose(mean_kl(contexts_NxT), expected, rtol=1e-3)
 
 
 def test_dynamics_measure_what_the_final_evaluation_measures(setup):

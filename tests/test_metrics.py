@@ -72,6 +72,24 @@ def test_entropy_and_argmax_constant():
   assert not bool(metrics.argmax_constant(jnp.asarray([[0.0, 1.0], [1.0, 0.0]])))
 
 
+@pytest.mark.parametrize("vocab", [7, 256, 257, 300, 384, 1000, 20001])
+def test_argmax_last_is_jnp_argmax(vocab):
+  """The same index as jnp.argmax on every row: ties, NaNs, infinities, a short last block."""
+  x = jax.random.normal(jax.random.key(vocab), (2, 40, vocab))
+  x = x.at[:, 0].set(1.0)  # Every column ties: the first wins.
+  x = x.at[:, 1, vocab - 1].set(9.0)  # The maximum in the last (short) block.
+  x = x.at[:, 2, [3, vocab - 1]].set(9.0)  # A tie across the first and the last block.
+  x = x.at[:, 3, [vocab // 2, vocab - 2]].set(jnp.nan)  # NaN wins, the first one.
+  x = x.at[:, 4].set(-jnp.inf)
+  x = x.at[:, 5, vocab // 3].set(jnp.inf)
+  x = x.at[:, 6, [0, vocab // 2]].set(jnp.inf)
+  expected = jnp.argmax(x, axis=-1)
+  np.testing.assert_array_equal(metrics.argmax_last(x), expected)
+  np.testing.assert_array_equal(jax.jit(jax.vmap(metrics.argmax_last))(x), expected)
+  np.testing.assert_array_equal(metrics.argmax_last(x[0, 7]), expected[0, 7])  # One row.
+  assert expected[0, 0] == 0 and expected[0, 2] == 3 and expected[0, 3] == vocab // 2
+
+
 def test_unigram_distribution_skips_id_0():
   targets = jnp.asarray([0, 1, 1, 2, 3, 3, 3, 0])
   u = metrics.unigram_distribution(targets, 5)
