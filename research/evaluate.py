@@ -197,7 +197,8 @@ def _window_metrics(apply, inputs_NxT, targets, first_C, unigram_V, chunk: int) 
     ce = jax.nn.logsumexp(logits, -1) - jnp.sum(jnp.where(is_label, logits, 0.0), -1)
     logp_BxV = jax.nn.log_softmax(last(logits), -1)
     last_B = targets_B if targets_B.ndim == 1 else targets_B[:, -1]
-    pred_B = metrics.argmax_last(logp_BxV)
+    # From the logits, as in the one-pass branch: XLA would recompute logp_BxV for it.
+    pred_B = metrics.argmax_last(last(logits))
     entropy_B = -jnp.sum(jnp.exp(logp_BxV) * logp_BxV, -1)
     return dict(
       ce=ce if ce.ndim == 1 else ce.mean(-1),
