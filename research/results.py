@@ -23,6 +23,17 @@ class SeedArrays:
     """The arrays one (cell, decoding) row is computed from."""
     return {**self.train, **self.decodings[decoding]}
 
+  @classmethod
+  def concatenate(cls, parts: list["SeedArrays"]) -> "SeedArrays":
+    """One cell's arrays from parts holding consecutive blocks of its seeds, in seed order."""
+    return cls(
+      train={k: np.concatenate([p.train[k] for p in parts]) for k in parts[0].train},
+      decodings={
+        name: {k: np.concatenate([p.decodings[name][k] for p in parts]) for k in fields}
+        for name, fields in parts[0].decodings.items()
+      },
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class CellMeta:

@@ -226,30 +226,23 @@ class _CellBuffer:
 
   def __init__(self, seeds: int):
     self.remaining = seeds
-    self.train = collections.defaultdict(list)
-    self.decodings = collections.defaultdict(lambda: collections.defaultdict(list))
+    self.parts = []  # One results.SeedArrays per chunk.
     self.timing = _Timing()
 
   def add(self, mine: np.ndarray, trained, evaluation, timing: _Timing) -> None:
-    self.train["loss_curve"].append(trained.loss_SxE[mine])
-    for field, value in trained.curves.items():
-      self.train[field].append(value[mine])
-    for field, value in vars(evaluation.train).items():
-      self.train[field].append(np.asarray(value)[mine])
-    for name, decoded in evaluation.decodings.items():
-      for field, value in vars(decoded).items():
-        self.decodings[name][field].append(np.asarray(value)[mine])
+    train = {"loss_curve": trained.loss_SxE[mine]}
+    train.update((field, value[mine]) for field, value in trained.curves.items())
+    train.update((field, np.asarray(v)[mine]) for field, v in vars(evaluation.train).items())
+    decodings = {
+      name: {field: np.asarray(value)[mine] for field, value in vars(decoded).items()}
+      for name, decoded in evaluation.decodings.items()
+    }
+    self.parts.append(results.SeedArrays(train=train, decodings=decodings))
     self.timing += timing
     self.remaining -= int(mine.sum())
 
   def arrays(self) -> results.SeedArrays:
-    return results.SeedArrays(
-      train={k: np.concatenate(v) for k, v in self.train.items()},
-      decodings={
-        name: {k: np.concatenate(v) for k, v in fields.items()}
-        for name, fields in self.decodings.items()
-      },
-    )
+    return results.SeedArrays.concatenate(self.parts)
 
 
 def _signature(*parts) -> str:

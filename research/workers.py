@@ -172,13 +172,7 @@ def _run_workers(commands: list[list[str]], blocks: list[Block], directories: li
 def _merge_cell(directory: str, cell: config_lib.Cell, sources: list[str]) -> None:
   """A cell's per-seed arrays (concatenated in seed order) and models from the workers."""
   metas, parts = zip(*(workdir.read_cell(source, cell.name) for source in sources), strict=True)
-  arrays = results.SeedArrays(
-    train={k: np.concatenate([p.train[k] for p in parts]) for k in parts[0].train},
-    decodings={
-      name: {k: np.concatenate([p.decodings[name][k] for p in parts]) for k in fields}
-      for name, fields in parts[0].decodings.items()
-    },
-  )
+  arrays = results.SeedArrays.concatenate(parts)
   meta = dataclasses.replace(
     metas[0],
     config=cell.config.to_dict(),

@@ -77,6 +77,19 @@ def arrays(collapsed, diverged, probe, collapse_token):
   )
 
 
+def test_seed_arrays_concatenate_blocks_of_seeds_in_order():
+  first = arrays([True, False], [False, False], [1, 2], [3, 3])
+  second = arrays([False], [True], [2], [1])
+  whole = results.SeedArrays.concatenate([first, second])
+  assert list(whole.train) == list(first.train)
+  assert list(whole.decodings["greedy"]) == list(first.decodings["greedy"])
+  assert whole.train["final_loss"].tolist() == [0, 1, 0]  # Each part's own values, in order.
+  assert whole.train["diverged"].tolist() == [False, False, True]
+  assert whole.train["curve_collapsed"].shape == (3, 3)
+  assert whole.decodings["greedy"]["collapse_token"].tolist() == [3, 3, 1]
+  assert whole.decodings["greedy"]["tail_period_P"].shape == (3, 2)
+
+
 def test_summarize_counts_non_diverged_seeds_only():
   a = arrays(
     collapsed=[1, 1, 0, 1, 1],
