@@ -78,7 +78,7 @@ def argmax_last(x_NxV) -> jax.Array:
   """jnp.argmax(x, axis=-1): the same indices (the first maximum, or the first NaN), faster.
 
   XLA:CPU runs argmax as a (value, index) reduction that it does not vectorise: at
-  V = 20 001 that is ~6x a max, and half of a greedy decoding step. On a CPU, plain maxima of
+  V = 20 001 that is ~10x a max, and half of a greedy decoding step. On a CPU, plain maxima of
   128-column blocks (NaN-free ones; reduce_window's max drops NaN) pick the block, and argmax
   runs within that block only: ~3x faster. Other backends keep jnp.argmax.
   """
@@ -93,7 +93,7 @@ def argmax_last(x_NxV) -> jax.Array:
     return jax.lax.reduce_window(v, lowest, jax.lax.max, window, window, padding)
 
   maxima = block_max(x_NxV, jnp.array(-jnp.inf, x_NxV.dtype))
-  nan_blocks = block_max((x_NxV != x_NxV).astype(jnp.int8), jnp.int8(0))  # int8: 3x a float.
+  nan_blocks = block_max((x_NxV != x_NxV).astype(jnp.int8), jnp.int8(0))  # int8: ~4x faster.
   has_nan = jnp.max(nan_blocks, axis=-1) > 0
   block = jnp.where(has_nan, jnp.argmax(nan_blocks, axis=-1), jnp.argmax(maxima, axis=-1))
   # The last block's columns past the end are clamped to the last column: repeats after it,
