@@ -104,9 +104,9 @@ def test_windows_in_chunks_give_the_one_pass_metrics(mode):
   assert bool(run(constant).train.argmax_constant)  # All-zero weights: one prediction.
 
 
-@pytest.mark.parametrize("chunk", [evaluate.WINDOW_CHUNK, 8])
-def test_unigram_kl_is_the_mean_over_distinct_contexts(setup, chunk):
-  cell, dataset, state, _ = setup
+def test_unigram_kl_is_the_mean_over_distinct_contexts(setup):
+  """Read from the window pass (chunked: test_windows_in_chunks_give_the_one_pass_metrics)."""
+  cell, dataset, state, result = setup
   contexts_NxT = dataset.contexts_NxT
   assert len(dataset.distinct_contexts_CxT) < len(contexts_NxT)  # Some contexts repeat.
   np.testing.assert_array_equal(
@@ -119,9 +119,8 @@ def test_unigram_kl_is_the_mean_over_distinct_contexts(setup, chunk):
     logits_XxV = lm.apply({"params": state.params}, contexts)
     return np.mean([metrics.unigram_kl(row_V[None], u_V) for row_V in logits_XxV])
 
-  got = jax.jit(evaluate.make_evaluate(cell.config, dataset, cell.decodings, chunk).final)(state)
   expected = mean_kl(dataset.distinct_contexts_CxT)
-  np.testing.assert_allclose(got.train.unigram_kl, expected, rtol=1e-5)
+  np.testing.assert_allclose(result.train.unigram_kl, expected, rtol=1e-5)
   # Each context counts once: a mean over every window weights repeated contexts more.
   assert not np.isclose(mean_kl(contexts_NxT), expected, rtol=1e-3)
 
