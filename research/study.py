@@ -487,10 +487,12 @@ class _Progress:
     self.last = now
     rate = seed_epochs / max(now - self.start, 1e-9)  # Compile time included: an honest ETA.
     eta = (self.seed_epochs_total - seed_epochs) / max(rate, 1e-9)
+    chunk_rate = num_seeds * epochs_done / epochs / max(now - chunk_start, 1e-9)
     logging.info(
-      "cells %d/%d | epoch %d/%d of %d seeds | %.1f seeds/s | ETA %.0fs",
+      "cells %d/%d | epoch %d/%d of %d seeds | %s seeds/s | ETA %.0fs",
       self.cells_done, self.total_cells, epochs_done, epochs, num_seeds,
-      num_seeds * epochs_done / epochs / max(now - chunk_start, 1e-9), eta,
+      f"{chunk_rate:.1f}" if chunk_rate >= 0.1 else f"{chunk_rate:.2g}",  # Not 0.0 when slow.
+      eta,
     )  # fmt: skip
 
   def cell_done(self, name: str, timing: "_Timing | None" = None) -> None:

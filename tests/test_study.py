@@ -4,6 +4,8 @@ import json
 import math
 import os
 import pathlib
+import re
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -224,3 +226,13 @@ def test_evaluation_during_training_leaves_the_final_results_unchanged(tmp_path)
     every["default/curve_unigram_kl"][:, -1], every["default/unigram_kl"], rtol=1e-6
   )
   assert 0.0 <= rows[0].never_collapsed_share <= 1.0
+
+
+def test_progress_shows_slow_and_fast_rates(caplog):
+  """A word-level chunk of 8 seeds takes ~10 min: its rate must not print as 0.0 seeds/s."""
+  progress = study._Progress(total_cells=1, seed_epochs=256)
+  with caplog.at_level("INFO"):
+    progress.epochs(num_seeds=8, epochs_done=1, epochs=1, chunk_start=time.time() - 600)
+    progress.epochs(num_seeds=4096, epochs_done=1, epochs=1, chunk_start=time.time() - 1)
+  assert "of 8 seeds | 0.013 seeds/s | ETA" in caplog.text
+  assert re.search(r"of 4096 seeds \| 40\d\d\.\d seeds/s \| ETA", caplog.text), caplog.text
