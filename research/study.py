@@ -226,23 +226,29 @@ class _CellBuffer:
 
   def __init__(self, seeds: int):
     self.remaining = seeds
-    self.parts = []  # One results.SeedArrays per chunk.
+    self.parts = []  # One results.SeedArrays per chunk (none on processes other than 0's).
     self.timing = _Timing()
 
-  def add(self, mine: np.ndarray, trained, evaluation, timing: _Timing) -> None:
-    train = {"loss_curve": trained.loss_SxE[mine]}
-    train.update((field, value[mine]) for field, value in trained.curves.items())
-    train.update((field, np.asarray(v)[mine]) for field, v in vars(evaluation.train).items())
-    decodings = {
-      name: {field: np.asarray(value)[mine] for field, value in vars(decoded).items()}
-      for name, decoded in evaluation.decodings.items()
-    }
-    self.parts.append(results.SeedArrays(train=train, decodings=decodings))
+  def add_part(self, part: results.SeedArrays | None, num_seeds: int, timing: _Timing) -> None:
+    if part is not None:
+      self.parts.append(part)
     self.timing += timing
-    self.remaining -= int(mine.sum())
+    self.remaining -= num_seeds
 
   def arrays(self) -> results.SeedArrays:
     return results.SeedArrays.concatenate(self.parts)
+
+
+def _seed_arrays(mine: np.ndarray, trained, evaluation) -> results.SeedArrays:
+  """One cell's rows (mine) of a chunk's training and final evaluation."""
+  train = {"loss_curve": trained.loss_SxE[mine]}
+  train.update((field, value[mine]) for field, value in trained.curves.items())
+  train.update((field, np.asarray(v)[mine]) for field, v in vars(evaluation.train).items())
+  decodings = {
+    name: {field: np.asarray(value)[mine] for field, value in vars(decoded).items()}
+    for name, decoded in evaluation.decodings.items()
+  }
+  return results.SeedArrays(train=train, decodings=decodings)
 
 
 def _signature(*parts) -> str:
@@ -403,21 +409,68 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
     cells[0].name, len(cells), seeds, budget >> 20, chunk, fp.train / 2**20,
     the_plan.eval_seeds, fp.evaluate / 2**20, eval_epochs(config),
   )  # fmt: skip
+  buffers = {i: _CellBuffer(seeds) for i, c in enumerate(cells) if c.name not in done}
+
+  def parts_of(rows):
+    """The unfinished cells' rows of a chunk: (cell index, mask over rows, seed range)."""
+    out = []
+    for i in np.unique(cell_of[rows]):
+      if i in buffers:
+        mine = cell_of[rows] == i
+        seeds_mine = seed_of[rows][mine]
+        out.append((i, mine, (int(seeds_mine[0]), int(seeds_mine[-1]))))
+    return out
+
+  # Chunks an interrupted run finished (their per-seed arrays are on disk): not trained again.
+  kept = {}  # Chunk start -> {cell index: (arrays, timing)} (the writer's; {} elsewhere).
   if hosts.is_writer():
-    for cell in cells:
-      if cell.name not in done:
-        workdir.remove_models(directory, cell.name)  # Recomputed: no stale chunks of it remain.
+    for start in range(0, total, chunk):
+      rows = np.arange(start, min(start + chunk, total))
+      sig = _signature(group_sig, chunk, start)
+      found = {
+        i: workdir.chunk_part(directory, group_sig, sig, cells[i].name)
+        for i, _, _ in parts_of(rows)
+      }
+      if found and all(found.values()):
+        kept[start] = found
+  kept_starts = set(hosts.share(sorted(kept)))
+  if hosts.is_writer():
+    for i, cell in enumerate(cells):
+      if cell.name not in done:  # Recomputed: no stale chunks of it remain, but kept ones.
+        keep = {
+          seed_range
+          for start in kept_starts
+          for j, _, seed_range in parts_of(np.arange(start, min(start + chunk, total)))
+          if j == i
+        }
+        workdir.remove_models(directory, cell.name, keep)
   hosts.sync("stale models removed")
   sharding = NamedSharding(programs.mesh(), P("seeds"))
-  buffers = {i: _CellBuffer(seeds) for i, c in enumerate(cells) if c.name not in done}
+
+  def add(i, mine, part, timing: _Timing) -> None:
+    """One chunk's rows of cell i are in; writes the cell once all its seeds are."""
+    buffers[i].add_part(part, int(mine.sum()), timing)
+    if buffers[i].remaining == 0:
+      meta = _cell_meta(cells[i], group.dataset, buffers[i].timing, eval_epochs(config))
+      progress.cell_done(cells[i].name, buffers[i].timing)
+      buffer = buffers.pop(i)
+      if hosts.is_writer():
+        workdir.write_cell(directory, cells[i], meta, buffer.arrays())
 
   for start in range(0, total, chunk):
     rows = np.arange(start, min(start + chunk, total))
     if not any(i in buffers for i in np.unique(cell_of[rows])):
       continue
+    sig = _signature(group_sig, chunk, start)
+    if start in kept_starts:
+      logging.info("rows %d-%d: finished by an earlier run, read back", start, rows[-1])
+      for i, mine, _ in parts_of(rows):
+        part, timing = kept.get(start, {}).get(i) or (None, {})
+        progress.skip(int(mine.sum()) * config.train.epochs)
+        add(i, mine, part, _Timing(**timing))
+      continue
     padded = np.concatenate([rows, np.full(chunk - len(rows), rows[-1])])
     t0 = time.time()
-    sig = _signature(group_sig, chunk, start)
     state = group.programs.init(
       _to_global(seed_of[padded], sharding),
       _to_global(lr_of[padded], sharding),
@@ -445,23 +498,19 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
         for k, v in trained.curves.items()
       }
     seconds = time.time() - t0
-    for i in np.unique(cell_of[rows]):
-      if i not in buffers:
-        continue
-      mine = cell_of[rows] == i
+    for i, mine, _ in parts_of(rows):
       if config.study.save_models:
         first, last = np.flatnonzero(mine)[[0, -1]]
-        part = _rows(trained.state, first, last + 1)
-        workdir.save_models(directory, cells[i].name, seed_of[rows][mine], part)
+        states = _rows(trained.state, first, last + 1)
+        workdir.save_models(directory, cells[i].name, seed_of[rows][mine], states)
       share = mine.sum() / len(rows)
       timing = _Timing(seconds * share, trained.train_seconds * share, eval_seconds * share)
-      buffers[i].add(mine, trained, evaluation, timing)
-      if buffers[i].remaining == 0:
-        meta = _cell_meta(cells[i], group.dataset, buffers[i].timing, eval_epochs(config))
-        progress.cell_done(cells[i].name, buffers[i].timing)
-        arrays = buffers.pop(i).arrays()
-        if hosts.is_writer():
-          workdir.write_cell(directory, cells[i], meta, arrays)
+      part = _seed_arrays(mine, trained, evaluation)
+      if hosts.is_writer() and buffers[i].remaining > mine.sum():  # Else the cell is written.
+        workdir.save_chunk_part(
+          directory, group_sig, sig, cells[i].name, part, dataclasses.asdict(timing)
+        )
+      add(i, mine, part, timing)
   if hosts.is_writer():
     workdir.clear_checkpoints(directory, group_sig)
 
@@ -494,6 +543,10 @@ class _Progress:
       f"{chunk_rate:.1f}" if chunk_rate >= 0.1 else f"{chunk_rate:.2g}",  # Not 0.0 when slow.
       eta,
     )  # fmt: skip
+
+  def skip(self, seed_epochs: int) -> None:
+    """Seed-epochs an earlier run finished and this one reads back: out of the ETA."""
+    self.seed_epochs_total -= seed_epochs
 
   def cell_done(self, name: str, timing: "_Timing | None" = None) -> None:
     """A cell finished (timing: when computed in this run, not skipped)."""

@@ -479,10 +479,12 @@ def abstract_states(trainer: train_lib.Trainer, num_seeds: int):
   return jax.eval_shape(jax.vmap(init), jax.ShapeDtypeStruct((num_seeds,), np.uint32))
 
 
-def remove_models(directory: str, cell_name: str) -> None:
-  """Deletes a cell's saved models (before it is trained again)."""
-  for _, _, path in models_of(directory, cell_name):
-    shutil.rmtree(path)
+def remove_models(directory: str, cell_name: str, keep=frozenset()) -> None:
+  """Deletes a cell's saved models (before it is trained again) but the (first, last) seed
+  ranges in `keep` (chunks a resumed run does not train again)."""
+  for first, last, path in models_of(directory, cell_name):
+    if (first, last) not in keep:
+      shutil.rmtree(path)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -595,6 +597,46 @@ def restore_checkpoint(directory: str, record: dict, state, rows: int, sharding=
   tree = _restore_state(os.path.join(directory, record["path"]), abstract)
   curves = {k: np.asarray(v) for k, v in tree["curves"].items()}
   return tree["state"].from_saved(), np.asarray(tree["loss_SxE"]), curves
+
+
+def _part_base(group: str, signature: str, cell_name: str) -> str:
+  return os.path.join(_checkpoint_dir(group), f"part_{signature}_{config_lib.slug(cell_name)}")
+
+
+def save_chunk_part(
+  directory: str, group: str, signature: str, cell_name: str, arrays: results.SeedArrays, timing
+) -> None:
+  """A finished chunk's per-seed arrays of one cell, kept until the whole cell is written.
+
+  A resumed run skips the chunks whose parts are all here, rather than training them again.
+  """
+  base = _part_base(group, signature, cell_name)
+  _write(directory, base + ".npz", files.write_npz, _flat(arrays))
+  record = dict(
+    cell=cell_name,
+    timing=timing,
+    train_fields=list(arrays.train),
+    decodings={name: list(fields) for name, fields in arrays.decodings.items()},
+  )
+  _write(directory, base + ".json", files.write_json, record)  # Last: it marks the part whole.
+
+
+def chunk_part(directory: str, group: str, signature: str, cell_name: str):
+  """(arrays, timing) of a saved chunk part, or None where it is missing or damaged."""
+  base = os.path.join(directory, _part_base(group, signature, cell_name))
+  try:
+    record = files.read_json(base + ".json")
+    with np.load(base + ".npz") as z:
+      arrays = results.SeedArrays(
+        train={f: z[array_key("", f)] for f in record["train_fields"]},
+        decodings={
+          name: {f: z[array_key(name, f)] for f in fields}
+          for name, fields in record["decodings"].items()
+        },
+      )
+  except _DAMAGED:
+    return None
+  return arrays, record["timing"]
 
 
 def clear_checkpoints(directory: str, group: str) -> None:

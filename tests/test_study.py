@@ -175,6 +175,43 @@ def test_a_cell_killed_mid_training_resumes_from_its_checkpoint(tmp_path, monkey
 
 
 @pytest.mark.slow  # Whole studies compiled twice: ~10-20 s each with an empty cache.
+def test_a_resumed_cell_reads_back_its_finished_chunks(tmp_path, monkeypatch, caplog):
+  """A cell of many chunks (100k seeds: hundreds) does not train its finished chunks again."""
+  config = tiny_config(epochs_per_call=1, checkpoint_seconds=0.0, max_parallel_seeds=2)
+  config.train.epochs = 4
+  study.run_study(config, str(tmp_path / "whole"))
+  calls = []
+  run_epochs = programs.Programs.run_epochs
+
+  def interrupted(self, state, num_epochs):
+    calls.append(num_epochs)
+    if len(calls) == 7:  # Chunk 0 (rows 0-1) took calls 1-4; chunk 1 is at epoch 2.
+      raise KeyboardInterrupt
+    return run_epochs(self, state, num_epochs)
+
+  monkeypatch.setattr(programs.Programs, "run_epochs", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    study.run_study(config, str(tmp_path / "killed"))
+  monkeypatch.undo()
+  assert os.listdir(tmp_path / "killed" / "models" / "default") == ["seeds_0-1"]
+  calls.clear()
+  monkeypatch.setattr(programs.Programs, "run_epochs", interrupted)
+  with caplog.at_level("INFO"):
+    study.run_study(config, str(tmp_path / "killed"))
+  assert "rows 0-1: finished by an earlier run, read back" in caplog.text
+  assert "resuming rows 2-3 from their checkpoint at epoch 2" in caplog.text
+  assert calls == [1, 1]  # Chunk 1's last two epochs only.
+  assert_same_results(load_per_seed(tmp_path / "whole"), load_per_seed(tmp_path / "killed"))
+  assert sorted(os.listdir(tmp_path / "killed" / "models" / "default")) == [
+    "seeds_0-1",
+    "seeds_2-3",
+  ]
+  assert not os.listdir(tmp_path / "killed" / "checkpoints")  # Dropped once the cell is done.
+  _, arrays = workdir.read_cell(str(tmp_path / "killed"), "default")
+  assert arrays.train["final_loss"].shape == (4,)
+
+
+@pytest.mark.slow  # Whole studies compiled twice: ~10-20 s each with an empty cache.
 def test_evaluation_in_small_chunks_equals_one_pass(tmp_path):
   corpus = tmp_path / "words.txt"
   rng = np.random.default_rng(0)
