@@ -660,7 +660,8 @@ def reevaluate_study(config, directory: str) -> list[results.Row]:
           evaluation = _in_parts(group.programs.evaluate, state, num, eval_seeds)
           kept = {k: v[done : done + num] for k, v in old.train.items() if k.startswith("curve_")}
           trained = _Trained(state, old.train["loss_curve"][done : done + num], kept, 0.0, 0.0)
-          buffer.add(np.ones(num, bool), trained, evaluation, _Timing())
+          mine = np.ones(num, bool)
+          buffer.add_part(_seed_arrays(mine, trained, evaluation), num, _Timing())
           done += num
         t = time.time() - t0
         timing = _Timing(old_meta.seconds + t, old_meta.train_seconds, old_meta.eval_seconds + t)
