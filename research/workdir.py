@@ -611,6 +611,7 @@ def save_chunk_part(
   A resumed run skips the chunks whose parts are all here, rather than training them again.
   """
   base = _part_base(group, signature, cell_name)
+  os.makedirs(os.path.join(directory, _checkpoint_dir(group)), exist_ok=True)  # None saved yet.
   _write(directory, base + ".npz", files.write_npz, _flat(arrays))
   record = dict(
     cell=cell_name,
