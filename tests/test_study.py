@@ -148,21 +148,26 @@ def test_reevaluation_decodes_saved_models_again_without_training(tmp_path):
     study.reevaluate_study(config, str(tmp_path))
 
 
+def count_calls(monkeypatch, interrupt_at: int = 0) -> list:
+  """Records each training call's epochs; raises KeyboardInterrupt at call `interrupt_at`."""
+  calls, run_epochs = [], programs.Programs.run_epochs
+
+  def counted(self, state, num_epochs):
+    calls.append(num_epochs)
+    if len(calls) == interrupt_at:
+      raise KeyboardInterrupt
+    return run_epochs(self, state, num_epochs)
+
+  monkeypatch.setattr(programs.Programs, "run_epochs", counted)
+  return calls
+
+
 @pytest.mark.slow  # Whole studies compiled twice: ~10-20 s each with an empty cache.
 def test_a_cell_killed_mid_training_resumes_from_its_checkpoint(tmp_path, monkeypatch, caplog):
   config = tiny_config(epochs_per_call=1, checkpoint_seconds=0.0)
   config.train.epochs = 6
   study.run_study(config, str(tmp_path / "whole"))
-  calls = []
-  run_epochs = programs.Programs.run_epochs
-
-  def interrupted(self, state, num_epochs):
-    calls.append(num_epochs)
-    if len(calls) == 4:
-      raise KeyboardInterrupt
-    return run_epochs(self, state, num_epochs)
-
-  monkeypatch.setattr(programs.Programs, "run_epochs", interrupted)
+  count_calls(monkeypatch, interrupt_at=4)
   with pytest.raises(KeyboardInterrupt):
     study.run_study(config, str(tmp_path / "killed"))
   monkeypatch.undo()
@@ -180,22 +185,12 @@ def test_a_resumed_cell_reads_back_its_finished_chunks(tmp_path, monkeypatch, ca
   config = tiny_config(epochs_per_call=1, checkpoint_seconds=0.0, max_parallel_seeds=2)
   config.train.epochs = 4
   study.run_study(config, str(tmp_path / "whole"))
-  calls = []
-  run_epochs = programs.Programs.run_epochs
-
-  def interrupted(self, state, num_epochs):
-    calls.append(num_epochs)
-    if len(calls) == 7:  # Chunk 0 (rows 0-1) took calls 1-4; chunk 1 is at epoch 2.
-      raise KeyboardInterrupt
-    return run_epochs(self, state, num_epochs)
-
-  monkeypatch.setattr(programs.Programs, "run_epochs", interrupted)
+  count_calls(monkeypatch, interrupt_at=7)  # Chunk 0 (rows 0-1): calls 1-4; chunk 1: epoch 2.
   with pytest.raises(KeyboardInterrupt):
     study.run_study(config, str(tmp_path / "killed"))
   monkeypatch.undo()
   assert os.listdir(tmp_path / "killed" / "models" / "default") == ["seeds_0-1"]
-  calls.clear()
-  monkeypatch.setattr(programs.Programs, "run_epochs", interrupted)
+  calls = count_calls(monkeypatch)
   with caplog.at_level("INFO"):
     study.run_study(config, str(tmp_path / "killed"))
   assert "rows 0-1: finished by an earlier run, read back" in caplog.text
