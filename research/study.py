@@ -226,7 +226,7 @@ class _CellBuffer:
 
   def __init__(self, seeds: int):
     self.remaining = seeds
-    self.parts = []  # One results.SeedArrays per chunk (none on processes other than 0's).
+    self.parts = []  # One results.SeedArrays per chunk (chunks read back: process 0 only).
     self.timing = _Timing()
 
   def add_part(self, part: results.SeedArrays | None, num_seeds: int, timing: _Timing) -> None:
