@@ -12,8 +12,12 @@ from conftest import ROOT, subprocess_env
 from bench import machine
 
 
-def run_quick(script: str, out, timeout: int):
-  """bench/<script> --quick --out=<out>, as a user runs it from the repository root."""
+def run_quick(script: str, tmp_path, timeout: int, prints: str = "") -> dict:
+  """bench/<script> --quick, as a user runs it from the repository root: its results file.
+
+  prints: text its printed table must hold.
+  """
+  out = tmp_path / "results.json"
   env = subprocess_env()
   paths = env["PYTHONPATH"].split(os.pathsep)  # The script must find the repo on its own.
   env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p and os.path.abspath(p) != ROOT)
@@ -26,7 +30,8 @@ def run_quick(script: str, out, timeout: int):
     timeout=timeout,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc
+  assert prints in proc.stdout, proc.stdout[-3000:]
+  return json.loads(out.read_text())
 
 
 def test_tree_rss_counts_grandchildren():
@@ -50,10 +55,7 @@ def test_tree_rss_counts_grandchildren():
 
 @pytest.mark.slow
 def test_quick_bench_writes_results(tmp_path):
-  out = tmp_path / "results.json"
-  proc = run_quick("throughput.py", out, timeout=120)
-  assert "seeds/s" in proc.stdout
-  results = json.loads(out.read_text())
+  results = run_quick("throughput.py", tmp_path, timeout=120, prints="seeds/s")
 
   machine = results["machine"]
   for key in ("cpu_model", "cpu_count", "jax", "backend", "device_kind"):
@@ -85,10 +87,7 @@ def test_quick_bench_writes_results(tmp_path):
 
 @pytest.mark.slow
 def test_quick_scale_bench_writes_results(tmp_path):
-  out = tmp_path / "scale.json"
-  proc = run_quick("scale.py", out, timeout=400)
-  assert "peak RSS MB" in proc.stdout
-  results = json.loads(out.read_text())
+  results = run_quick("scale.py", tmp_path, timeout=400, prints="peak RSS MB")
 
   for key in ("cpu_model", "cpus_usable", "jax", "backend"):
     assert results["machine"][key], key
@@ -107,10 +106,7 @@ def test_quick_scale_bench_writes_results(tmp_path):
 
 @pytest.mark.slow
 def test_quick_compile_time_bench_times_each_stage(tmp_path):
-  out = tmp_path / "compile.json"
-  proc = run_quick("compile_time.py", out, timeout=120)
-  assert "HLO ops" in proc.stdout
-  results = json.loads(out.read_text())
+  results = run_quick("compile_time.py", tmp_path, timeout=120, prints="HLO ops")
   assert results["machine"]["jax"]
   assert [r["program"] for r in results["rows"]] == ["init", "epochs"]
   for r in results["rows"]:
@@ -122,9 +118,7 @@ def test_quick_compile_time_bench_times_each_stage(tmp_path):
 
 @pytest.mark.slow
 def test_quick_profile_sums_kernel_time_by_source_line(tmp_path):
-  out = tmp_path / "profile.json"
-  run_quick("profile.py", out, timeout=120)
-  results = json.loads(out.read_text())
+  results = run_quick("profile.py", tmp_path, timeout=120)
   assert [r["variant"] for r in results["results"]] == ["fused", "fused:tf32"]
   for row in results["results"]:
     assert row["seeds"] == 8 and row["seeds_per_s_100_epochs"] > 0
@@ -137,10 +131,7 @@ def test_quick_profile_sums_kernel_time_by_source_line(tmp_path):
 
 @pytest.mark.slow
 def test_quick_cores_bench_times_each_way_of_using_the_cores(tmp_path):
-  out = tmp_path / "cores.json"
-  proc = run_quick("cores.py", out, timeout=180)
-  assert "speed-up" in proc.stdout
-  results = json.loads(out.read_text())
+  results = run_quick("cores.py", tmp_path, timeout=180, prints="speed-up")
   processes = min(2, results["machine"]["cpus_usable"])
   runs = {r["name"]: r for r in results["runs"]}
   assert list(runs) == ["all_cores", "one_core", "per_core"]
@@ -153,10 +144,7 @@ def test_quick_cores_bench_times_each_way_of_using_the_cores(tmp_path):
 
 @pytest.mark.slow
 def test_quick_workers_bench_times_a_study_with_and_without_workers(tmp_path):
-  out = tmp_path / "workers.json"
-  proc = run_quick("workers.py", out, timeout=300)
-  assert "speed-up" in proc.stdout
-  results = json.loads(out.read_text())
+  results = run_quick("workers.py", tmp_path, timeout=300, prints="speed-up")
   assert results["config"] == "configs/tiny.py"
   runs = results["runs"]
   assert [(r["round"], r["workers"]) for r in runs] == [(0, 1), (0, 2)]
