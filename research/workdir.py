@@ -320,15 +320,20 @@ def write_cell(
   _write(directory, meta_json, files.write_json, record)  # Last: it marks the cell finished.
 
 
+def _unflat(npz_path: str, train_fields: list, decode_fields: dict) -> results.SeedArrays:
+  """_flat's inverse: the arrays of an .npz, decode_fields by decoding name."""
+  with np.load(npz_path) as z:
+    return results.SeedArrays(
+      train={f: z[array_key("", f)] for f in train_fields},
+      decodings={d: {f: z[array_key(d, f)] for f in fields} for d, fields in decode_fields.items()},
+    )
+
+
 def _read_cell_files(npz_path: str, json_path: str):
   record = files.read_json(json_path)
   train_fields, decode_fields = record.pop("train_fields"), record.pop("decode_fields")
   meta = results.CellMeta(**record)
-  with np.load(npz_path) as z:
-    arrays = results.SeedArrays(
-      train={f: z[array_key("", f)] for f in train_fields},
-      decodings={d: {f: z[array_key(d, f)] for f in decode_fields} for d in meta.decodings},
-    )
+  arrays = _unflat(npz_path, train_fields, {d: decode_fields for d in meta.decodings})
   return meta, arrays
 
 
@@ -627,14 +632,7 @@ def chunk_part(directory: str, group: str, signature: str, cell_name: str):
   base = os.path.join(directory, _part_base(group, signature, cell_name))
   try:
     record = files.read_json(base + ".json")
-    with np.load(base + ".npz") as z:
-      arrays = results.SeedArrays(
-        train={f: z[array_key("", f)] for f in record["train_fields"]},
-        decodings={
-          name: {f: z[array_key(name, f)] for f in fields}
-          for name, fields in record["decodings"].items()
-        },
-      )
+    arrays = _unflat(base + ".npz", record["train_fields"], record["decodings"])
   except _DAMAGED:
     return None
   return arrays, record["timing"]
