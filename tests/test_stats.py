@@ -58,6 +58,30 @@ def test_mcnemar_exact_textbook():
   assert stats.mcnemar_exact([True] * 20, [False] * 20) == pytest.approx(2 / 2**20, rel=1e-12)
 
 
+@pytest.mark.parametrize("n", [1001, 2500, 4000])
+def test_mcnemar_beyond_the_exact_sum_matches_it(n):
+  # Above 1000 discordant pairs the tail is summed in log space; against the integer sum.
+  for k in (1, n // 4, n // 2 - 30, n // 2 - 3, n // 2):
+    exact = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    a_S, b_S = np.arange(n) < k, np.arange(n) >= k
+    assert stats.mcnemar_exact(a_S, b_S) == pytest.approx(exact, rel=1e-9, abs=0.0)
+
+
+def test_bootstrap_in_blocks_covers_the_mean(monkeypatch):
+  values = np.random.default_rng(1).normal(3.0, 1.0, 400)
+  # Up to 2 097 values the resamples are one draw, as before blocks (results kept bit for bit).
+  rng = np.random.default_rng(0)
+  means = values[rng.integers(0, 400, (2000, 400))].mean(axis=1)
+  one_draw = np.quantile(means, [0.025, 0.975])
+  ci = stats.bootstrap_mean(values)
+  assert (ci.low, ci.high) == tuple(one_draw)
+  # In blocks (here 6 of 300 resamples, then 1 of 200) the interval is as valid.
+  monkeypatch.setattr(stats, "_BOOTSTRAP_DRAWS", 300 * 400)
+  ci = stats.bootstrap_mean(values)
+  assert ci.low < values.mean() < ci.high
+  assert ci.high - ci.low == pytest.approx(2 * 1.96 / 20, rel=0.25)
+
+
 def test_probability_of_improvement():
   below = stats.probability_of_improvement([0.1, 0.2, 0.3], [0.5, 0.6, 0.7])
   assert (below.estimate, below.low, below.high) == (1.0, 1.0, 1.0)
