@@ -1,9 +1,18 @@
-"""The machine a benchmark ran on (for its results file), and a process tree's memory."""
+"""The machine a benchmark ran on (for its results file); a child process measured (wall time,
+the peak RSS of its process tree)."""
 
+import dataclasses
 import os
 import platform
+import signal
+import subprocess
+import time
+
+import numpy as np
 
 from research import workdir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Children run from here.
 
 
 def machine_info() -> dict:
@@ -69,3 +78,61 @@ def tree_rss_mb(pid: int) -> float:
     total += _rss_mb(p)
     todo += children.get(p, [])
   return total
+
+
+POLL_S = 0.5  # Child status, timeout and memory are checked this often.
+GRACE_S = 10.0  # After SIGTERM, seconds before SIGKILL.
+
+
+@dataclasses.dataclass
+class Child:
+  """What one finished (or stopped) child process measured."""
+
+  returncode: int
+  wall_s: float
+  peak_rss_mb: float
+  timed_out: bool
+  load_average: dict  # 1-minute load average sampled during the run: min, mean, max.
+
+
+def run_child(argv: list, stdout_path: str, stderr_path: str, timeout: float) -> Child:
+  """Runs argv to the end (or stops it after `timeout` s) and measures it.
+
+  Peak RSS: the largest sum of VmRSS over the child's process tree, polled every POLL_S, or
+  the child's own ru_maxrss from wait4 where that is larger (a peak between polls, or no
+  /proc). RUSAGE_CHILDREN would give the largest single process so far, not a sum.
+  """
+  loads = []
+  with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err)
+  tree_mb, timed_out, kill_at, last_load = 0.0, False, None, 0.0
+  try:
+    while True:
+      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+      now = time.perf_counter()
+      if pid:
+        break
+      tree_mb = max(tree_mb, tree_rss_mb(proc.pid))
+      if now - last_load >= 5.0:
+        loads.append(os.getloadavg()[0])
+        last_load = now
+      if not timed_out and timeout and now - start > timeout:
+        timed_out, kill_at = True, now + GRACE_S
+        proc.send_signal(signal.SIGTERM)
+      elif kill_at and now > kill_at:
+        proc.kill()
+      time.sleep(POLL_S)
+  except BaseException:  # Interrupted bench: take the child down with it.
+    proc.kill()
+    proc.wait()
+    raise
+  proc.returncode = os.waitstatus_to_exitcode(status)  # Reaped here, not by Popen.
+  loads.append(os.getloadavg()[0])
+  return Child(
+    returncode=proc.returncode,
+    wall_s=now - start,
+    peak_rss_mb=max(usage.ru_maxrss / 1024, tree_mb),  # ru_maxrss is in KiB on Linux.
+    timed_out=timed_out,
+    load_average=dict(min=min(loads), mean=float(np.mean(loads)), max=max(loads)),
+  )

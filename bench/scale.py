@@ -35,14 +35,13 @@ import json  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from bench.machine import machine_info, tree_rss_mb  # noqa: E402
+from bench.machine import machine_info, run_child  # noqa: E402
 from research import files  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -64,8 +63,6 @@ flags.DEFINE_string("out", os.path.join(ROOT, "bench", "scale.json"), "Where to 
 # --quick: every size tiny, the same runs and code paths.
 QUICK = dict(sizes=[1000, 3000], seeds=8, word_vocab=500, word_tokens=2000, blog_seeds=64)
 QUICK_BLOG_EPOCHS = 2
-POLL_S = 0.5  # Child status, timeout and memory are checked this often.
-GRACE_S = 10.0  # After SIGTERM, seconds before SIGKILL.
 # Per-cell timing fields of cells/*.json (research/results.py CellMeta).
 TRAIN_FIELD, EVAL_FIELD = "train_seconds", "eval_seconds"
 
@@ -80,17 +77,6 @@ class Run:
   config_args: list  # run.py's --config and --config.* flags.
   epochs: int  # train.epochs, for the per-epoch target.
   chars: int = 0  # chars runs: the corpus cut (data.max_chars).
-
-
-@dataclasses.dataclass
-class Child:
-  """What one finished (or stopped) child process measured."""
-
-  returncode: int
-  wall_s: float
-  peak_rss_mb: float
-  timed_out: bool
-  load_average: dict  # 1-minute load average sampled during the run: min, mean, max.
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -187,49 +173,6 @@ def plan_runs(settings: dict, corpus_file: str) -> list[Run]:
       )
     )
   return runs
-
-
-def run_child(argv: list, stdout_path: str, stderr_path: str, timeout: float) -> Child:
-  """Runs argv to the end (or stops it after `timeout` s) and measures it.
-
-  Peak RSS: the largest sum of VmRSS over the child's process tree, polled every POLL_S, or
-  the child's own ru_maxrss from wait4 where that is larger (a peak between polls, or no
-  /proc). RUSAGE_CHILDREN would give the largest single process so far, not a sum.
-  """
-  loads = []
-  with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err)
-  tree_mb, timed_out, kill_at, last_load = 0.0, False, None, 0.0
-  try:
-    while True:
-      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-      now = time.perf_counter()
-      if pid:
-        break
-      tree_mb = max(tree_mb, tree_rss_mb(proc.pid))
-      if now - last_load >= 5.0:
-        loads.append(os.getloadavg()[0])
-        last_load = now
-      if not timed_out and timeout and now - start > timeout:
-        timed_out, kill_at = True, now + GRACE_S
-        proc.send_signal(signal.SIGTERM)
-      elif kill_at and now > kill_at:
-        proc.kill()
-      time.sleep(POLL_S)
-  except BaseException:  # Interrupted bench: take the child down with it.
-    proc.kill()
-    proc.wait()
-    raise
-  proc.returncode = os.waitstatus_to_exitcode(status)  # Reaped here, not by Popen.
-  loads.append(os.getloadavg()[0])
-  return Child(
-    returncode=proc.returncode,
-    wall_s=now - start,
-    peak_rss_mb=max(usage.ru_maxrss / 1024, tree_mb),  # ru_maxrss is in KiB on Linux.
-    timed_out=timed_out,
-    load_average=dict(min=min(loads), mean=float(np.mean(loads)), max=max(loads)),
-  )
 
 
 def memory_plan(stderr_path: str) -> list[str]:

@@ -1,5 +1,5 @@
-"""The bench scripts (throughput.py, scale.py, compile_time.py, profile.py, cores.py,
-workers.py) run end to end (--quick) and write complete results."""
+"""The bench scripts (throughput.py, scale.py, report_scale.py, compile_time.py, profile.py,
+cores.py, workers.py) run end to end (--quick) and write complete results."""
 
 import json
 import os
@@ -12,8 +12,8 @@ from conftest import ROOT, subprocess_env
 from bench import machine
 
 
-def run_quick(script: str, tmp_path, timeout: int, prints: str = "") -> dict:
-  """bench/<script> --quick, as a user runs it from the repository root: its results file.
+def run_quick(script: str, tmp_path, timeout: int, prints: str = "", args=()) -> dict:
+  """bench/<script> --quick [args], as a user runs it from the repository root: its results file.
 
   prints: text its printed table must hold.
   """
@@ -22,7 +22,7 @@ def run_quick(script: str, tmp_path, timeout: int, prints: str = "") -> dict:
   paths = env["PYTHONPATH"].split(os.pathsep)  # The script must find the repo on its own.
   env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p and os.path.abspath(p) != ROOT)
   proc = subprocess.run(
-    [sys.executable, os.path.join("bench", script), "--quick", f"--out={out}"],
+    [sys.executable, os.path.join("bench", script), "--quick", f"--out={out}", *args],
     cwd=ROOT,
     env=env,
     capture_output=True,
@@ -102,6 +102,17 @@ def test_quick_scale_bench_writes_results(tmp_path):
   assert len(runs["blog_64"]["cells"]) == 3
   assert runs["words_500"]["cells"]["default"]["vocab_size"] == 501  # 500 words + padding.
   assert results["targets"]["nothing_killed"]["passed"] is True
+
+
+@pytest.mark.slow
+def test_quick_report_scale_bench_times_the_last_stage_of_a_tiled_study(tmp_path, blog_workdir):
+  source, _ = blog_workdir
+  results = run_quick(
+    "report_scale.py", tmp_path, timeout=300, prints="| finished", args=[f"--source={source}"]
+  )
+  (run,) = results["runs"]
+  assert run["seeds"] == 512 and run["finished"], run
+  assert run["write_results_s"] > 0 and run["report_s"] > 0 and run["peak_rss_mb"] > 100
 
 
 @pytest.mark.slow

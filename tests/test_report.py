@@ -70,3 +70,27 @@ def test_phases_in_one_line_name_the_worker_processes():
     "cache; 2 worker processes"
   )
   assert "worker" not in report.format_phases(dict(phases, workers=1))
+
+
+def test_a_study_tiled_to_2560_seeds_keeps_its_rates_with_narrower_intervals(
+  blog_workdir, tmp_path
+):
+  """The last stage at many seeds: 2560 seeds bootstrap in blocks (over 2 097 values)."""
+  from bench import report_scale
+  from research import workdir
+
+  source, _ = blog_workdir
+  tiled = str(tmp_path / "tiled")
+  report_scale.tile(source, tiled, 2560)  # 640 copies of each of the 4 seeds.
+  report_scale.finish(tiled)
+  small, big = workdir.load(source).rows, workdir.load(tiled).rows
+  assert [r.label for r in big] == [r.label for r in small]
+  for a, b in zip(small, big, strict=True):
+    assert (a.seeds, b.seeds, b.diverged) == (4, 2560, 640 * a.diverged)
+    for field in ("collapse_rate", "distinct_2_mean", "final_loss_mean", "unigram_kl_mean"):
+      assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-5, nan_ok=True), field
+    assert b.collapse_high - b.collapse_low < a.collapse_high - a.collapse_low
+    if a.distinct_2_high > a.distinct_2_low:
+      assert b.distinct_2_low <= b.distinct_2_mean <= b.distinct_2_high
+      assert b.distinct_2_high - b.distinct_2_low < a.distinct_2_high - a.distinct_2_low
+  assert "Seeds per cell: **2560**" in open(os.path.join(tiled, "report.md")).read()
