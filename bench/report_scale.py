@@ -21,6 +21,7 @@ if ROOT not in sys.path:
 
 import research  # noqa: E402, F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import tempfile  # noqa: E402
@@ -84,15 +85,7 @@ def measure(source: str, seeds: int, scratch: str, timeout: float) -> dict:
   with open(err) as f:
     error = "" if child.returncode == 0 else f.read()[-2000:]
   return dict(
-    seeds=seeds,
-    finished=child.returncode == 0,
-    returncode=child.returncode,
-    timed_out=child.timed_out,
-    wall_s=child.wall_s,
-    peak_rss_mb=child.peak_rss_mb,
-    load_average=child.load_average,
-    error=error,
-    **timing,
+    seeds=seeds, finished=child.returncode == 0, **dataclasses.asdict(child), error=error, **timing
   )
 
 
