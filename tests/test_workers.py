@@ -109,13 +109,19 @@ def test_a_killed_run_stops_its_workers_and_resumes_to_the_same_results(tmp_path
   cells_a = [
     directory / "workers" / block / "cells" / "a.json" for block in ("seeds_0-2", "seeds_3-5")
   ]
+  # Worker pids from their locks, read while waiting: on a loaded machine one worker can finish
+  # both cells, and drop its lock, before the other finishes cell a.
+  locks = {}
   while not all(cell.exists() for cell in cells_a):
     assert proc.poll() is None and time.time() < deadline, "run ended before the workers' cell a"
+    for lock in (directory / "workers").glob("*/.collapse-study.lock"):
+      try:
+        locks[lock.parent.name] = json.loads(lock.read_text())["pid"]
+      except (OSError, ValueError):
+        pass  # Being written, or just removed.
     time.sleep(0.02)
-  worker_pids = [
-    json.loads(p.read_text())["pid"] for p in (directory / "workers").glob("*/.collapse-study.lock")
-  ]
-  assert len(worker_pids) == 2
+  assert sorted(locks) == ["seeds_0-2", "seeds_3-5"], locks
+  worker_pids = list(locks.values())
   proc.kill()
   proc.wait(timeout=60)
   deadline = time.time() + 30
