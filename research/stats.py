@@ -56,7 +56,7 @@ def mcnemar_exact(a_S, b_S) -> float:
   A binomial test with p = 0.5 on the discordant pairs: min(1, 2 P[X <= min(b01, b10)]),
   X ~ Binomial(b01 + b10, 1/2). Up to 1000 discordant pairs it is summed in exact integers,
   which stay accurate where 0.5**n would underflow (n > 1074); beyond, that sum grows as n^2
-  digits (52 s at n = 20 000), so the terms are summed in log space from lgamma (~1e-10
+  digits (52 s at n = 20 000), so the terms are summed in log space from lgamma (~1e-11
   relative).
   """
   a_S, b_S = np.asarray(a_S, bool), np.asarray(b_S, bool)
