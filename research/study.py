@@ -410,6 +410,10 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
     the_plan.eval_seeds, fp.evaluate / 2**20, eval_epochs(config),
   )  # fmt: skip
   buffers = {i: _CellBuffer(seeds) for i, c in enumerate(cells) if c.name not in done}
+  starts = range(0, total, chunk)
+
+  def chunk_rows(start):
+    return np.arange(start, min(start + chunk, total))
 
   def parts_of(rows):
     """The unfinished cells' rows of a chunk: (cell index, mask over rows, seed range)."""
@@ -424,26 +428,22 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
   # Chunks an interrupted run finished (their per-seed arrays are on disk): not trained again.
   kept = {}  # Chunk start -> {cell index: (arrays, timing)} (the writer's; {} elsewhere).
   if hosts.is_writer():
-    for start in range(0, total, chunk):
-      rows = np.arange(start, min(start + chunk, total))
+    for start in starts:
       sig = _signature(group_sig, chunk, start)
       found = {
         i: workdir.chunk_part(directory, group_sig, sig, cells[i].name)
-        for i, _, _ in parts_of(rows)
+        for i, _, _ in parts_of(chunk_rows(start))
       }
       if found and all(found.values()):
         kept[start] = found
   kept_starts = set(hosts.share(sorted(kept)))
   if hosts.is_writer():
-    for i, cell in enumerate(cells):
-      if cell.name not in done:  # Recomputed: no stale chunks of it remain, but kept ones.
-        keep = {
-          seed_range
-          for start in kept_starts
-          for j, _, seed_range in parts_of(np.arange(start, min(start + chunk, total)))
-          if j == i
-        }
-        workdir.remove_models(directory, cell.name, keep)
+    keep = {i: set() for i in buffers}  # Cell index -> seed ranges of its kept chunks' models.
+    for start in kept_starts:
+      for i, _, seed_range in parts_of(chunk_rows(start)):
+        keep[i].add(seed_range)
+    for i in buffers:  # Recomputed: no stale chunks of it remain, but kept ones.
+      workdir.remove_models(directory, cells[i].name, keep[i])
   hosts.sync("stale models removed")
   sharding = NamedSharding(programs.mesh(), P("seeds"))
 
@@ -457,8 +457,8 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       if hosts.is_writer():
         workdir.write_cell(directory, cells[i], meta, buffer.arrays())
 
-  for start in range(0, total, chunk):
-    rows = np.arange(start, min(start + chunk, total))
+  for start in starts:
+    rows = chunk_rows(start)
     if not any(i in buffers for i in np.unique(cell_of[rows])):
       continue
     sig = _signature(group_sig, chunk, start)
