@@ -45,8 +45,8 @@ flags.DEFINE_integer(
   1,
   "Split the seeds over this many local processes, each pinned to its own CPU cores. XLA:CPU "
   "runs a program on about one core, so this is how a CPU study uses more; the results are "
-  "one process's. 0: one per core on a CPU (at most one per GiB of the memory budget), one "
-  "process on an accelerator or with --distributed or --reevaluate.",
+  "one process's; --reevaluate splits them the same way. 0: one per core on a CPU (at most "
+  "one per GiB of the memory budget), one process on an accelerator or with --distributed.",
   lower_bound=0,
 )
 flags.DEFINE_bool(
@@ -148,8 +148,8 @@ def start_distributed() -> None:
 
 def check_workers() -> None:
   """--workers: refused where it cannot help, in one line."""
-  if FLAGS.distributed or FLAGS.reevaluate:
-    fail(f"--workers={FLAGS.workers} cannot be combined with --distributed or --reevaluate", USAGE)
+  if FLAGS.distributed:
+    fail(f"--workers={FLAGS.workers} cannot be combined with --distributed", USAGE)
   if jax.default_backend() != "cpu":
     fail(
       f"--workers splits a study over CPU processes, but JAX runs on {jax.default_backend()} "
@@ -196,11 +196,7 @@ def main(argv):
   if worker is not None:
     workers.start_worker(worker)
   elif count == 0:
-    count = (
-      1
-      if FLAGS.distributed or FLAGS.reevaluate
-      else workers.auto_count(config, jax.default_backend())
-    )
+    count = 1 if FLAGS.distributed else workers.auto_count(config, jax.default_backend())
   elif count != 1:
     check_workers()
   start_distributed()
@@ -208,7 +204,11 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
-    if FLAGS.reevaluate:
+    if FLAGS.reevaluate and worker is not None:
+      rows = study.reevaluate_study(config, FLAGS.workdir, (worker.first, worker.last))
+    elif FLAGS.reevaluate and count > 1:
+      rows = workers.reevaluate_study(config, FLAGS.workdir, count, sys.argv, STARTED)
+    elif FLAGS.reevaluate:
       rows = study.reevaluate_study(config, FLAGS.workdir)
     elif count > 1:
       rows = workers.run_study(config, FLAGS.workdir, FLAGS.overwrite, count, sys.argv, STARTED)

@@ -626,62 +626,78 @@ def _phases(timing: "_Timing", startup: float, compile_before, total: float) -> 
   )
 
 
-def reevaluate_study(config, directory: str) -> list[results.Row]:
+def reevaluate_study(config, directory: str, block: tuple[int, int] | None = None):
   """Evaluates a finished study's saved models again with config's decodings: no training.
 
   Only generate.* and study.decodings may differ from the config that trained them; loss
-  curves are kept, every other per-seed metric is recomputed by today's code.
+  curves are kept, every other per-seed metric is recomputed by today's code. block: a
+  --workers worker's seeds (first, last, before study.seed_offset); it decodes only those and
+  writes its cells to its worker folder (workdir.reevaluation_out), for the parent to merge: the
+  parent holds the workdir's lock and checked the config. Returns the rows (none for a block).
   """
   start, compile_before = time.time(), _CLOCK.seconds
   cells = config_lib.expand_cells(config)
   check_processes(config)
   groups = group_cells(cells)
-  opened = hosts.on_writer(
-    lambda: workdir.open_for_reevaluation(directory, config, corpora(cells)), _REFUSALS
-  )
+  if block is None:
+    first, last, out = 0, config.study.seeds - 1, directory
+    opened = hosts.on_writer(
+      lambda: workdir.open_for_reevaluation(directory, config, corpora(cells)), _REFUSALS
+    )
+  else:
+    (first, last), opened = block, None
+    out = workdir.reevaluation_out(directory, first, last)
+  offset, seeds = config.study.seed_offset, last - first + 1
   sharding = NamedSharding(programs.mesh(), P("seeds"))
   with opened or contextlib.nullcontext():
     budget = budget_bytes(config)
     for group in groups:
-      eval_seeds = plan(group, config.study.seeds, budget).eval_seeds
+      eval_seeds = plan(group, seeds, budget).eval_seeds
       for cell in group.cells:
         t0 = time.time()
         old_meta, old = workdir.read_cell(directory, cell.name)
         chunks = workdir.models_of(directory, cell.name)
-        if sum(last - first + 1 for first, last, _ in chunks) != config.study.seeds:
+        if sum(hi - lo + 1 for lo, hi, _ in chunks) != config.study.seeds:
           raise workdir.WorkdirError(
             f"cell {cell.name!r} in {directory!r} has no saved models of all its seeds "
             "(was it run with study.save_models=False?)"
           )
-        buffer, done = _CellBuffer(config.study.seeds), 0
-        for first, last, path in chunks:
-          num = last - first + 1
-          state = _load_sharded(group.programs.trainer, first, last, path, sharding)
+        buffer = _CellBuffer(seeds)
+        for chunk_first, chunk_last, path in chunks:  # In seed order.
+          lo, hi = max(chunk_first, offset + first), min(chunk_last, offset + last)
+          if lo > hi:
+            continue  # Another worker's seeds.
+          num, row = hi - lo + 1, lo - offset  # row: the first one's in the cell's arrays.
+          rows = (lo - chunk_first, hi - chunk_first)
+          state = _load_sharded(
+            group.programs.trainer, chunk_first, chunk_last, path, sharding, rows
+          )
           evaluation = _in_parts(group.programs.evaluate, state, num, eval_seeds)
-          kept = {k: v[done : done + num] for k, v in old.train.items() if k.startswith("curve_")}
-          trained = _Trained(state, old.train["loss_curve"][done : done + num], kept, 0.0, 0.0)
+          kept = {k: v[row : row + num] for k, v in old.train.items() if k.startswith("curve_")}
+          trained = _Trained(state, old.train["loss_curve"][row : row + num], kept, 0.0, 0.0)
           mine = np.ones(num, bool)
           buffer.add_part(_seed_arrays(mine, trained, evaluation), num, _Timing())
-          done += num
         t = time.time() - t0
         timing = _Timing(old_meta.seconds + t, old_meta.train_seconds, old_meta.eval_seconds + t)
         meta = _cell_meta(cell, group.dataset, timing, old_meta.eval_epochs)
         arrays = buffer.arrays()
         if hosts.is_writer():
-          workdir.write_cell(directory, cell, meta, arrays)
-        logging.info("re-evaluated %s (%d seeds)", cell.name, done)
-    if not hosts.is_writer():
+          workdir.write_cell(out, cell, meta, arrays)
+        logging.info("re-evaluated %s (%d seeds)", cell.name, seeds - buffer.remaining)
+    if block is not None or not hosts.is_writer():
       return []
     total = time.time() - start
     phases = dict(evaluate=total, compile=_CLOCK.seconds - compile_before, total=total)
     return workdir.write_results(directory, cells, config.study.seeds, total, phases)
 
 
-def _load_sharded(trainer, first: int, last: int, path: str, sharding):
-  """A saved chunk of states, sharded over the seed axis (padded by its last row to split
-  over the devices: padding rows are evaluated and dropped)."""
-  num, ndev = last - first + 1, jax.device_count()
-  if num % ndev == 0:
+def _load_sharded(trainer, first: int, last: int, path: str, sharding, rows=None):
+  """Rows (lo, hi) of a saved chunk of states (default: all of seeds first..last), sharded
+  over the seed axis (padded by the last row to split over the devices: padding rows are
+  evaluated and dropped)."""
+  lo, hi = rows if rows is not None else (0, last - first)
+  num, ndev = hi - lo + 1, jax.device_count()
+  if num == last - first + 1 and num % ndev == 0:
     return workdir.load_states(trainer, first, last, path, sharding)
   if jax.process_count() > 1:
     raise workdir.WorkdirError(
@@ -689,5 +705,5 @@ def _load_sharded(trainer, first: int, last: int, path: str, sharding):
       "a number of devices that divides it (one process, for instance)"
     )
   state = workdir.load_states(trainer, first, last, path)
-  index = np.minimum(np.arange(math.ceil(num / ndev) * ndev), num - 1)
+  index = np.minimum(lo + np.arange(math.ceil(num / ndev) * ndev), hi)
   return jax.device_put(jax.tree_util.tree_map(lambda x: x[index], state), sharding)

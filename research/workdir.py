@@ -520,10 +520,23 @@ def copy_models(directory: str, cell_name: str, source: str) -> None:
 # ----------------------------------------------------------------------------- workers
 
 
+def worker_path(directory: str, first: int, last: int) -> str:
+  """Where the --workers process that runs seeds first..last of the study writes."""
+  return os.path.join(directory, WORKERS_DIR, f"seeds_{first}-{last}")
+
+
+def reevaluation_out(directory: str, first: int, last: int) -> str:
+  """A --reevaluate worker's folder for its cells (worker_path, made here: the parent, which
+  holds the lock, recorded it)."""
+  path = worker_path(directory, first, last)
+  os.makedirs(os.path.join(path, CELLS_DIR), exist_ok=True)
+  return path
+
+
 def worker_dir(directory: str, first: int, last: int) -> str:
-  """The workdir of the --workers process that runs seeds first..last of the study (recorded
-  in the manifest, so --overwrite deletes it with the rest)."""
-  relpath = os.path.join(WORKERS_DIR, f"seeds_{first}-{last}")
+  """worker_path, recorded in the manifest (so --overwrite deletes it with the rest) and its
+  folder made: the parent's part, before any worker starts."""
+  relpath = os.path.relpath(worker_path(directory, first, last), directory)
   _record(directory, relpath, relpath + ".log")
   os.makedirs(os.path.join(directory, WORKERS_DIR), exist_ok=True)
   return os.path.join(directory, relpath)

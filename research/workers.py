@@ -169,7 +169,7 @@ def _run_workers(commands: list[list[str]], blocks: list[Block], directories: li
         log.close()
 
 
-def _merge_cell(directory: str, cell: config_lib.Cell, sources: list[str]) -> None:
+def _merge_cell(directory: str, cell: config_lib.Cell, sources: list[str], models=True) -> None:
   """A cell's per-seed arrays (concatenated in seed order) and models from the workers."""
   metas, parts = zip(*(workdir.read_cell(source, cell.name) for source in sources), strict=True)
   arrays = results.SeedArrays.concatenate(parts)
@@ -181,7 +181,7 @@ def _merge_cell(directory: str, cell: config_lib.Cell, sources: list[str]) -> No
     train_seconds=max(m.train_seconds for m in metas),
     eval_seconds=max(m.eval_seconds for m in metas),
   )
-  if cell.config.study.save_models:
+  if models and cell.config.study.save_models:
     for source in sources:
       workdir.copy_models(directory, cell.name, source)
   workdir.write_cell(directory, cell, meta, arrays)  # Last: it marks the cell finished.
@@ -206,6 +206,26 @@ def _phases(worker_phases: list[dict], before_workers: float, total: float) -> d
   )
 
 
+def _plan(config, cells, workers: int, seeds_per_cell: bool) -> tuple[list[Block], int]:
+  """The workers' blocks and each one's share of the memory budget (MiB). Bad data or prompts
+  fail here, once, before any worker; so does a share in which one seed cannot fit (the
+  largest block's): training plans a group's cells' seeds at once, evaluation one cell's."""
+  groups = study.group_cells(cells)
+  blocks = plan_blocks(config.study.seeds, workers, cpus())
+  # Each worker plans its chunks for its share (0 would mean the default: at least 1 MiB).
+  budget_mb = study.budget_bytes(config) >> 20
+  share_mb = max(1, budget_mb // len(blocks))
+  for group in groups:
+    try:
+      cells_at_once = 1 if seeds_per_cell else len(group.cells)
+      study.plan(group, cells_at_once * blocks[0].seeds, share_mb << 20)
+    except workdir.WorkdirError as e:
+      raise workdir.WorkdirError(
+        f"{len(blocks)} workers, each with {share_mb} MiB of the {budget_mb} MiB budget: {e}"
+      ) from None
+  return blocks, share_mb
+
+
 def run_study(
   config, directory: str, overwrite: bool, workers: int, argv: list[str], started: float
 ) -> list[results.Row]:
@@ -214,18 +234,7 @@ def run_study(
   argv: run.py's command line (sys.argv), which each worker runs with its own overrides.
   """
   cells = config_lib.expand_cells(config)
-  groups = study.group_cells(cells)  # Bad data or prompts fail here, once, before any worker.
-  blocks = plan_blocks(config.study.seeds, workers, cpus())
-  # Each worker plans its chunks for its share (0 would mean the default: at least 1 MiB).
-  budget_mb = study.budget_bytes(config) >> 20
-  share_mb = max(1, budget_mb // len(blocks))
-  for group in groups:  # So does a share in which one seed cannot fit (the largest block's).
-    try:
-      study.plan(group, len(group.cells) * blocks[0].seeds, share_mb << 20)
-    except workdir.WorkdirError as e:
-      raise workdir.WorkdirError(
-        f"{len(blocks)} workers, each with {share_mb} MiB of the {budget_mb} MiB budget: {e}"
-      ) from None
+  blocks, share_mb = _plan(config, cells, workers, seeds_per_cell=False)
   with workdir.open_for_study(directory, config, overwrite, study.corpora(cells)):
     pending = [c for c in cells if not workdir.cell_done(directory, c)]
     sources = [workdir.worker_dir(directory, b.first, b.last) for b in blocks]
@@ -250,3 +259,32 @@ def run_study(
     workdir.remove_workers(directory)
     phases["total"] = time.time() - started
     return workdir.write_results(directory, cells, config.study.seeds, phases["total"], phases)
+
+
+def reevaluate_study(
+  config, directory: str, workers: int, argv: list[str], started: float
+) -> list[results.Row]:
+  """run.py --reevaluate on worker processes: each decodes its block of seeds' saved models
+  again (study.reevaluate_study), the parent merges their cells; returns the rows.
+
+  argv: run.py's command line (sys.argv), which each worker runs with its own budget share.
+  """
+  cells = config_lib.expand_cells(config)
+  blocks, share_mb = _plan(config, cells, workers, seeds_per_cell=True)
+  with workdir.open_for_reevaluation(directory, config, study.corpora(cells)):
+    workdir.remove_workers(directory)  # An interrupted re-evaluation's: it starts over.
+    sources = [workdir.worker_dir(directory, b.first, b.last) for b in blocks]
+    logging.info(
+      "%d worker processes re-evaluate: %s",
+      len(blocks),
+      ", ".join(f"seeds {b.first}-{b.last} on CPUs {list(b.cpus)}" for b in blocks),
+    )
+    before = time.time() - started
+    command = [sys.executable, *argv, f"--config.study.memory_budget_mb={share_mb}", "--workers=1"]
+    _run_workers([command] * len(blocks), blocks, sources)
+    for cell in cells:
+      _merge_cell(directory, cell, sources, models=False)  # The models stay where they are.
+    workdir.remove_workers(directory)
+    total = time.time() - started
+    phases = dict(startup=before, evaluate=total - before, workers=len(blocks), total=total)
+    return workdir.write_results(directory, cells, config.study.seeds, total, phases)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,12 +160,35 @@ def test_a_failing_worker_stops_the_others_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag", ["--reevaluate", "--distributed"])
-def test_workers_refuse_other_modes_in_one_line(tmp_path, flag):
-  out = run_py(os.path.join("configs", "tiny.py"), tmp_path / "w", "--workers=2", flag)
+def test_two_workers_reevaluate_one_saved_chunk_as_one_process_does(tmp_path):
+  config_path = write_config(tmp_path)
+  trained = run_py(config_path, tmp_path / "one")
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  shutil.copytree(tmp_path / "one", tmp_path / "two")
+  # Sampled: every seed's own keys must reach it through the split too.
+  sampled = "--config.generate.strategy=top_k"
+  one = run_py(config_path, tmp_path / "one", "--reevaluate", sampled)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = run_py(config_path, tmp_path / "two", "--reevaluate", sampled, "--workers=2")
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert "re-evaluate: seeds 0-2 on CPUs" in two.stderr
+  # Each worker took its rows of the one saved chunk.
+  assert [(f, last) for f, last, _ in workdir.models_of(str(tmp_path / "two"), "b")] == [(10, 15)]
+  assert_same_results(load_per_seed(tmp_path / "one"), load_per_seed(tmp_path / "two"))
+  assert two.stdout.splitlines()[:5] == one.stdout.splitlines()[:5]  # The same table.
+  assert not (tmp_path / "two" / "workers").exists()
+  phases = json.loads((tmp_path / "two" / "results.json").read_text())["phases"]
+  assert phases["workers"] == 2 and phases["evaluate"] > 0
+  config = json.loads((tmp_path / "two" / "config.json").read_text())["config"]
+  assert config["generate"]["strategy"] == "top_k"
+
+
+@pytest.mark.slow
+def test_workers_refuse_distributed_in_one_line(tmp_path):
+  out = run_py(os.path.join("configs", "tiny.py"), tmp_path / "w", "--workers=2", "--distributed")
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
-    "error: --workers=2 cannot be combined with --distributed or --reevaluate"
+    "error: --workers=2 cannot be combined with --distributed"
   ]
 
 
