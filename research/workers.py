@@ -206,7 +206,7 @@ def _phases(worker_phases: list[dict], before_workers: float, total: float) -> d
   )
 
 
-def _plan(config, cells, workers: int, seeds_per_cell: bool) -> tuple[list[Block], int]:
+def _plan(config, cells, workers: int, one_cell_at_a_time: bool) -> tuple[list[Block], int]:
   """The workers' blocks and each one's share of the memory budget (MiB). Bad data or prompts
   fail here, once, before any worker; so does a share in which one seed cannot fit (the
   largest block's): training plans a group's cells' seeds at once, evaluation one cell's."""
@@ -217,7 +217,7 @@ def _plan(config, cells, workers: int, seeds_per_cell: bool) -> tuple[list[Block
   share_mb = max(1, budget_mb // len(blocks))
   for group in groups:
     try:
-      cells_at_once = 1 if seeds_per_cell else len(group.cells)
+      cells_at_once = 1 if one_cell_at_a_time else len(group.cells)
       study.plan(group, cells_at_once * blocks[0].seeds, share_mb << 20)
     except workdir.WorkdirError as e:
       raise workdir.WorkdirError(
@@ -234,7 +234,7 @@ def run_study(
   argv: run.py's command line (sys.argv), which each worker runs with its own overrides.
   """
   cells = config_lib.expand_cells(config)
-  blocks, share_mb = _plan(config, cells, workers, seeds_per_cell=False)
+  blocks, share_mb = _plan(config, cells, workers, one_cell_at_a_time=False)
   with workdir.open_for_study(directory, config, overwrite, study.corpora(cells)):
     pending = [c for c in cells if not workdir.cell_done(directory, c)]
     sources = [workdir.worker_dir(directory, b.first, b.last) for b in blocks]
@@ -270,7 +270,7 @@ def reevaluate_study(
   argv: run.py's command line (sys.argv), which each worker runs with its own budget share.
   """
   cells = config_lib.expand_cells(config)
-  blocks, share_mb = _plan(config, cells, workers, seeds_per_cell=True)
+  blocks, share_mb = _plan(config, cells, workers, one_cell_at_a_time=True)
   with workdir.open_for_reevaluation(directory, config, study.corpora(cells)):
     workdir.remove_workers(directory)  # An interrupted re-evaluation's: it starts over.
     sources = [workdir.worker_dir(directory, b.first, b.last) for b in blocks]
