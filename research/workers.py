@@ -49,6 +49,11 @@ class Block:
     return self.last - self.first + 1
 
 
+def _where(blocks: list[Block]) -> str:
+  """The blocks as the start-up log line names them."""
+  return ", ".join(f"seeds {b.first}-{b.last} on CPUs {list(b.cpus)}" for b in blocks)
+
+
 def cpus() -> list[int]:
   """The CPUs this process may run on."""
   return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
@@ -246,7 +251,7 @@ def run_study(
       logging.info(
         "%d worker processes: %s; worker 0 logs here, the others in %s",
         len(blocks),
-        ", ".join(f"seeds {b.first}-{b.last} on CPUs {list(b.cpus)}" for b in blocks),
+        _where(blocks),
         os.path.join(directory, workdir.WORKERS_DIR),
       )
       before = time.time() - started
@@ -277,7 +282,7 @@ def reevaluate_study(
     logging.info(
       "%d worker processes re-evaluate: %s",
       len(blocks),
-      ", ".join(f"seeds {b.first}-{b.last} on CPUs {list(b.cpus)}" for b in blocks),
+      _where(blocks),
     )
     before = time.time() - started
     command = [sys.executable, *argv, f"--config.study.memory_budget_mb={share_mb}", "--workers=1"]
