@@ -50,6 +50,29 @@ def test_distinct_n():
   # Large ids (word vocabularies) are counted exactly.
   big = jnp.asarray([[40000, 40001, 40000, 40002]])
   assert float(metrics.distinct_n(big, 2)) == pytest.approx(1.0)
+  assert float(metrics.distinct_n(big, 2, 40003)) == pytest.approx(1.0)  # Packed keys.
+  assert float(metrics.distinct_n(x, 1, 3)) == pytest.approx(2 / 8)
+  assert float(metrics.seq_rep_n(big, 2, 40003)) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("vocab_size, n", [(26, 1), (26, 2), (26, 4), (215, 4), (46340, 2)])
+def test_count_unique_rows_packed_keys_count_as_the_lexsort_does(vocab_size, n):
+  # vocab_size ** n fits an int32 here (46340 ** 2 and 215 ** 4 just do): one packed key a row.
+  assert vocab_size**n <= np.iinfo(np.int32).max
+  rng = np.random.default_rng(n)
+  for high in (3, vocab_size):  # Few distinct rows, and ids up to the top of the vocabulary.
+    rows = jnp.asarray(rng.integers(max(high - 3, 0), high, (500, n)), jnp.int32)
+    want = int(metrics.count_unique_rows(rows))  # vocab_size None: the lexsort.
+    assert want == len(np.unique(np.asarray(rows), axis=0))
+    assert int(metrics.count_unique_rows(rows, vocab_size)) == want
+
+
+def test_count_unique_rows_beyond_int32_keys_falls_back_to_the_lexsort():
+  # At V = 20 001 a packed 4-gram key wraps around 2**32: these two rows would get the same key.
+  rows = jnp.asarray([[0, 11, 0, 0], [0, 0, 5273, 7442], [0, 11, 0, 0]], jnp.int32)
+  assert int(metrics.count_unique_rows(rows, 20001)) == 2
+  # As one continuation: 9 fourgrams, of which (0, 11, 0, 0) twice.
+  assert float(metrics.seq_rep_n(rows.reshape(1, -1), 4, 20001)) == pytest.approx(1 - 8 / 9)
 
 
 def test_seq_rep_4():
