@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for a GPU (or TPU) machine: the blog study cold and warm, both test tiers, the
+# One command for a GPU (or TPU) machine: the blog study cold and warm (and twice more with XLA's
+# deterministic GPU ops, comparing the per-seed arrays of each pair), both test tiers, the
 # throughput bench at 1k/8k/32k seeds, the train step's profile at 32k seeds, and the full-size
 # runs of bench/scale.py that a 2-core CPU cannot finish (the word run at V = 20 001 and the
 # blog study at 100 000 seeds), in that order; prints one table and writes bench/accelerator/.
@@ -19,7 +20,7 @@ out=${OUT_DIR:-bench/accelerator}
 deadline=$((SECONDS + ${TIME_BUDGET:-3600}))
 mkdir -p "$out"
 export XDG_CACHE_HOME="$out/cache"  # A fresh compilation cache: the first blog run is cold.
-rm -rf "$XDG_CACHE_HOME" "$out/blog_cold" "$out/blog_warm"
+rm -rf "$XDG_CACHE_HOME" "$out"/blog_*
 device=$($py -c "import jax; d = jax.devices()[0]; print(jax.default_backend(), d.device_kind)")
 
 timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its log in $out/NAME.log
@@ -33,6 +34,12 @@ timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its l
 : >"$out/times.txt"
 timed blog_cold $py run.py --config=configs/blog.py --workdir="$out/blog_cold"
 timed blog_warm $py run.py --config=configs/blog.py --workdir="$out/blog_warm"
+# Is a GPU run repeatable? The embedding gradient's scatter-add uses float atomics. The same
+# study twice with XLA's deterministic ops (cold, as the flag changes the cache key, then warm);
+# the table compares both pairs' per-seed arrays and the flag's results against the default's.
+det_flags="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
+timed blog_det1 env XLA_FLAGS="$det_flags" $py run.py --config=configs/blog.py --workdir="$out/blog_det1"
+timed blog_det2 env XLA_FLAGS="$det_flags" $py run.py --config=configs/blog.py --workdir="$out/blog_det2"
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments.
 timed tests_fast env XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-}
 # shellcheck disable=SC2086
@@ -46,6 +53,7 @@ timed scale $py bench/scale.py --runs=words,blog --save_models=false --timeout=0
 
 $py - "$out" "$device" <<'PY'
 import json, os, sys
+import numpy as np
 out, device = sys.argv[1], sys.argv[2]
 times = {}
 for line in open(f"{out}/times.txt"):
@@ -79,4 +87,29 @@ for name, (seconds, rc) in times.items():
     lines = open(f"{out}/{name}.log").read().strip().splitlines()
     detail = lines[-1] if lines else ""
   print(f"{name:<12} {seconds:>7} {rc:>7}  {detail}")
+
+
+def same(a, b):
+  """How two blog runs' per-seed arrays compare: bitwise equal, or how far apart."""
+  paths = [f"{out}/{name}/per_seed.npz" for name in (a, b)]
+  if not all(os.path.exists(p) for p in paths):
+    return "not compared (a run did not finish)"
+  x, y = (np.load(p) for p in paths)
+  differ = [k for k in x.files if not np.array_equal(x[k], y[k], equal_nan=True)]
+  if not differ:
+    return f"all {len(x.files)} arrays bitwise equal"
+  rel = 0.0  # Largest |x - y| / max(|x|, |y|) over the float arrays that differ.
+  for k in differ:
+    if x[k].dtype.kind == "f":
+      scale = np.maximum(np.maximum(np.abs(x[k]), np.abs(y[k])), 1e-30)
+      rel = max(rel, float(np.nanmax(np.abs(x[k] - y[k]) / scale)))
+  discrete = [k for k in differ if x[k].dtype.kind != "f"] or ["none"]
+  return (f"{len(differ)} of {len(x.files)} arrays differ; float max rel. diff {rel:.1e}; "
+          f"discrete arrays that differ: {', '.join(discrete)}")
+
+
+for a, b, what in [("blog_cold", "blog_warm", "default flags, run twice"),
+                   ("blog_det1", "blog_det2", "deterministic ops, run twice"),
+                   ("blog_warm", "blog_det1", "deterministic ops against default")]:
+  print(f"{'compare':<12} {'':>7} {'':>7}  {what}: {same(a, b)}")
 PY
