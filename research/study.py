@@ -227,12 +227,17 @@ class _CellBuffer:
   def __init__(self, seeds: int):
     self.remaining = seeds
     self.parts = []  # One results.SeedArrays per chunk (chunks read back: process 0 only).
-    self.timing = _Timing()
+    self.timing = _Timing()  # The cell's: its chunks read back included (the cell's record).
+    self.computed = _Timing()  # This run's chunks only (the run's phases).
 
-  def add_part(self, part: results.SeedArrays | None, num_seeds: int, timing: _Timing) -> None:
+  def add_part(
+    self, part: results.SeedArrays | None, num_seeds: int, timing: _Timing, read_back=False
+  ) -> None:
     if part is not None:
       self.parts.append(part)
     self.timing += timing
+    if not read_back:
+      self.computed += timing
     self.remaining -= num_seeds
 
   def arrays(self) -> results.SeedArrays:
@@ -447,12 +452,12 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
   hosts.sync("stale models removed")
   sharding = NamedSharding(programs.mesh(), P("seeds"))
 
-  def add(i, mine, part, timing: _Timing) -> None:
+  def add(i, mine, part, timing: _Timing, read_back: bool = False) -> None:
     """One chunk's rows of cell i are in; writes the cell once all its seeds are."""
-    buffers[i].add_part(part, int(mine.sum()), timing)
+    buffers[i].add_part(part, int(mine.sum()), timing, read_back)
     if buffers[i].remaining == 0:
       meta = _cell_meta(cells[i], group.dataset, buffers[i].timing, eval_epochs(config))
-      progress.cell_done(cells[i].name, buffers[i].timing)
+      progress.cell_done(cells[i].name, buffers[i].computed)
       buffer = buffers.pop(i)
       if hosts.is_writer():
         workdir.write_cell(directory, cells[i], meta, buffer.arrays())
@@ -467,7 +472,7 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       for i, mine, _ in parts_of(rows):
         part, timing = kept.get(start, {}).get(i) or (None, {})
         progress.skip(int(mine.sum()) * config.train.epochs)
-        add(i, mine, part, _Timing(**timing))
+        add(i, mine, part, _Timing(**timing), read_back=True)
       continue
     padded = np.concatenate([rows, np.full(chunk - len(rows), rows[-1])])
     t0 = time.time()

@@ -1,5 +1,6 @@
 """Studies end to end, in process: outputs, grids, chunking, resume, divergence."""
 
+import glob
 import json
 import math
 import os
@@ -190,10 +191,21 @@ def test_a_resumed_cell_reads_back_its_finished_chunks(tmp_path, monkeypatch, ca
     study.run_study(config, str(tmp_path / "killed"))
   monkeypatch.undo()
   assert os.listdir(tmp_path / "killed" / "models" / "default") == ["seeds_0-1"]
+  # Chunk 0's record, as if its training had taken 1000 s: the cell's seconds count it, and
+  # the resumed run's phases, which time this run only, do not.
+  (part,) = glob.glob(str(tmp_path / "killed" / "checkpoints" / "*" / "part_*.json"))
+  record = json.loads(open(part).read())
+  record["timing"] = dict(total=1500.0, train=1000.0, evaluate=500.0)
+  open(part, "w").write(json.dumps(record))
   calls = count_calls(monkeypatch)
   with caplog.at_level("INFO"):
     study.run_study(config, str(tmp_path / "killed"))
   assert "rows 0-1: finished by an earlier run, read back" in caplog.text
+  phases = json.loads((tmp_path / "killed" / "results.json").read_text())["phases"]
+  assert 0 < phases["train"] < 1000 and 0 < phases["evaluate"] < 500
+  assert phases["train"] + phases["evaluate"] <= phases["total"]
+  meta, _ = workdir.read_cell(str(tmp_path / "killed"), "default")
+  assert meta.train_seconds > 1000 and meta.eval_seconds > 500 and meta.seconds > 1500
   assert "resuming rows 2-3 from their checkpoint at epoch 2" in caplog.text
   assert calls == [1, 1]  # Chunk 1's last two epochs only.
   assert_same_results(load_per_seed(tmp_path / "whole"), load_per_seed(tmp_path / "killed"))
