@@ -59,11 +59,10 @@ def count_unique_rows(rows_Gxn, vocab_size: int | None = None) -> jax.Array:
     key_G = rows_Gxn[:, 0].astype(jnp.int32)
     for k in range(1, n):
       key_G = key_G * vocab_size + rows_Gxn[:, k]
-    sorted_G = jnp.sort(key_G)
-    return 1 + jnp.sum(sorted_G[1:] != sorted_G[:-1])
-  order = jnp.lexsort([rows_Gxn[:, k] for k in reversed(range(n))])
-  sorted_Gxn = rows_Gxn[order]
-  return 1 + jnp.sum(jnp.any(sorted_Gxn[1:] != sorted_Gxn[:-1], axis=-1))
+    sorted_GxK = jnp.sort(key_G)[:, None]  # K = 1 column: the packed key.
+  else:
+    sorted_GxK = rows_Gxn[jnp.lexsort([rows_Gxn[:, k] for k in reversed(range(n))])]
+  return 1 + jnp.sum(jnp.any(sorted_GxK[1:] != sorted_GxK[:-1], axis=-1))
 
 
 def distinct_n(x_PxL, n: int, vocab_size: int | None = None) -> jax.Array:

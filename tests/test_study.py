@@ -1,6 +1,5 @@
 """Studies end to end, in process: outputs, grids, chunking, resume, divergence."""
 
-import glob
 import json
 import math
 import os
@@ -193,10 +192,10 @@ def test_a_resumed_cell_reads_back_its_finished_chunks(tmp_path, monkeypatch, ca
   assert os.listdir(tmp_path / "killed" / "models" / "default") == ["seeds_0-1"]
   # Chunk 0's record, as if its training had taken 1000 s: the cell's seconds count it, and
   # the resumed run's phases, which time this run only, do not.
-  (part,) = glob.glob(str(tmp_path / "killed" / "checkpoints" / "*" / "part_*.json"))
-  record = json.loads(open(part).read())
+  (part,) = (tmp_path / "killed" / "checkpoints").glob("*/part_*.json")
+  record = json.loads(part.read_text())
   record["timing"] = dict(total=1500.0, train=1000.0, evaluate=500.0)
-  open(part, "w").write(json.dumps(record))
+  part.write_text(json.dumps(record))
   calls = count_calls(monkeypatch)
   with caplog.at_level("INFO"):
     study.run_study(config, str(tmp_path / "killed"))
