@@ -17,8 +17,11 @@ from research import schema
 
 OPTIMIZERS = schema.OPTIMIZERS
 # Per-seed state bytes (params, optimizer moments) per chunk of a vmapped CPU run; see
-# seed_chunked. 4-8 MiB (25-50 seeds of the blog's model) measured fastest on a 2-core EPYC.
-CPU_CHUNK_BYTES = 6 << 20
+# seed_chunked. On the 2-core Intel Xeon (2 MiB of L2 a core), 2 MiB (the blog's model: 12
+# seeds, cut to 8) trains 16-21% faster than 6 MiB (32 seeds) in a process pinned to one core,
+# as --workers runs them; one process left to float over both cores trains 6-11% slower
+# (bench/README.md, "Cores"). On the earlier 2-core EPYC, 4-8 MiB measured fastest.
+CPU_CHUNK_BYTES = 2 << 20
 
 
 @struct.dataclass
