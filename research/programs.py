@@ -91,26 +91,28 @@ def mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("seeds",))
 
 
-def per_seed(fn):
+def per_seed(fn, chunk_bytes: int = 0):
   """vmap(fn) over the seed axis; with several devices, each runs its own block of seeds.
 
   A shard_map rather than jit's partitioner: per-seed functions need no communication, and
-  inside it a device's vmap sees only its own seeds, so train.seed_chunked can cut them into
-  cache-sized chunks on every CPU device.
+  inside it a device's vmap sees only its own seeds, so they can be cut into cache-sized chunks
+  on every CPU device: by train.chunked_vmap when chunk_bytes > 0, or by a train.seed_chunked
+  inside fn.
   """
+  vmapped = train_lib.chunked_vmap(fn, chunk_bytes) if chunk_bytes else jax.vmap(fn)
   if jax.device_count() == 1:
-    return jax.vmap(fn)
+    return vmapped
   # check_vma off: constants built inside (scan carries, the epoch plan) are the same on every
   # device, which the check would have to be told, and nothing here communicates.
   sharded = jax.shard_map(
-    jax.vmap(fn), mesh=mesh(), in_specs=P("seeds"), out_specs=P("seeds"), check_vma=False
+    vmapped, mesh=mesh(), in_specs=P("seeds"), out_specs=P("seeds"), check_vma=False
   )
 
   def run(*args):
     seeds = jax.tree_util.tree_leaves(args)[0].shape[0]
     # A seed count that does not split over the devices (a bench's 1 seed, say): jit's own
     # partitioning, as before. The study's calls always split.
-    return sharded(*args) if seeds % jax.device_count() == 0 else jax.vmap(fn)(*args)
+    return sharded(*args) if seeds % jax.device_count() == 0 else vmapped(*args)
 
   return run
 
@@ -164,14 +166,13 @@ def build(
   evaluators = evaluate_lib.make_evaluate(config, dataset, decodings, fp.window_chunk)
   # Evaluation, like training, runs cache-sized chunks of seeds in turn on a CPU: the blog
   # study's evaluation phase runs 1.3x as fast at 256 seeds (README, Set-up and use).
-  final = train_lib.seed_chunked(evaluators.final, train_lib.CPU_CHUNK_BYTES)
-  dynamics = train_lib.seed_chunked(evaluators.dynamics, train_lib.CPU_CHUNK_BYTES)
+  chunk = train_lib.CPU_CHUNK_BYTES
   precision = matmul_precision(config)
   return Programs(
     trainer=trainer,
     init=jax.jit(at_precision(per_seed(init_one), precision)),
-    evaluate=jax.jit(at_precision(per_seed(final), precision)),
-    dynamics=jax.jit(at_precision(per_seed(dynamics), precision)),
+    evaluate=jax.jit(at_precision(per_seed(evaluators.final, chunk), precision)),
+    dynamics=jax.jit(at_precision(per_seed(evaluators.dynamics, chunk), precision)),
     footprint=fp,
     precision=precision,
   )

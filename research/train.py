@@ -165,14 +165,38 @@ def _chunk_rows(total: int, target: int) -> int:
   return math.ceil(total / math.ceil(total / target))  # Balanced; the last chunk is padded.
 
 
+def chunked_vmap(fn: Callable, chunk_bytes: int) -> Callable:
+  """jax.vmap(fn) over every argument's leading (seed) axis, on a CPU in chunks of about
+  chunk_bytes of arguments, one chunk after another (seed_chunked says why)."""
+
+  @functools.wraps(fn)  # As jax.vmap: the program keeps fn's name (and its cache key).
+  def run(*args):
+    axis_size = jax.tree_util.tree_leaves(args)[0].shape[0]
+    chunk = max(8, int(chunk_bytes // max(_bytes_per_row(args, axis_size), 1.0)))
+    if jax.default_backend() != "cpu" or axis_size <= chunk:
+      return jax.vmap(fn)(*args)
+    size = _chunk_rows(axis_size, chunk)
+    chunks = math.ceil(axis_size / size)
+    if chunks * size > axis_size:  # Pad the last chunk with copies of the last row.
+      rows = jnp.minimum(jnp.arange(chunks * size), axis_size - 1)
+      args = jax.tree_util.tree_map(lambda x: x[rows], args)
+    args = jax.tree_util.tree_map(lambda x: x.reshape(chunks, size, *x.shape[1:]), args)
+    out = jax.lax.map(lambda a: jax.vmap(fn)(*a), args)
+    return jax.tree_util.tree_map(lambda y: y.reshape(chunks * size, *y.shape[2:])[:axis_size], out)
+
+  return run
+
+
 def seed_chunked(fn: Callable, chunk_bytes: int) -> Callable:
-  """fn, except that under jax.vmap on a CPU it runs chunks of seeds in turn.
+  """fn, except that under jax.vmap on a CPU it runs chunks of seeds in turn (chunked_vmap).
 
   vmapping all seeds at once streams every seed's state through memory at every step; a chunk
   of about chunk_bytes of state stays in cache for its whole run, and XLA's CPU matmuls run
   on one core whatever the batch, so nothing is lost. Each seed's math is unchanged. On other
   backends vmap is left alone. With several devices, vmap inside a shard_map
-  (programs.per_seed), so the chunks are cut from each device's own seeds.
+  (programs.per_seed), so the chunks are cut from each device's own seeds. A custom_vmap traces
+  fn twice (its primal, then the batching rule): programs that vmap in one known place call
+  chunked_vmap instead (programs.per_seed).
   """
   wrapped = jax.custom_batching.custom_vmap(fn)
 
@@ -183,21 +207,7 @@ def seed_chunked(fn: Callable, chunk_bytes: int) -> Callable:
       args,
       tuple(in_batched),
     )
-    on_cpu = jax.default_backend() == "cpu"
-    chunk = max(8, int(chunk_bytes // max(_bytes_per_row(args, axis_size), 1.0)))
-    if not on_cpu or axis_size <= chunk:
-      out = jax.vmap(fn)(*args)
-    else:
-      size = _chunk_rows(axis_size, chunk)
-      chunks = math.ceil(axis_size / size)
-      if chunks * size > axis_size:  # Pad the last chunk with copies of the last row.
-        rows = jnp.minimum(jnp.arange(chunks * size), axis_size - 1)
-        args = jax.tree_util.tree_map(lambda x: x[rows], args)
-      args = jax.tree_util.tree_map(lambda x: x.reshape(chunks, size, *x.shape[1:]), args)
-      out = jax.lax.map(lambda a: jax.vmap(fn)(*a), args)
-      out = jax.tree_util.tree_map(
-        lambda y: y.reshape(chunks * size, *y.shape[2:])[:axis_size], out
-      )
+    out = chunked_vmap(fn, chunk_bytes)(*args)
     return out, jax.tree_util.tree_map(lambda _: True, out)
 
   return wrapped

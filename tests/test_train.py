@@ -169,3 +169,26 @@ def test_seed_chunks_equal_one_vmap(monkeypatch, num_seeds):
   for a, b in zip(*leaves, strict=True):
     if jnp.issubdtype(a.dtype, jnp.number):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_vmap_traces_once_and_equals_vmap():
+  """programs.per_seed's chunking: one trace of fn (a custom_vmap traces it twice), the chunks'
+  loop in the program, and the plain vmap's values, the padded last chunk cut off."""
+  traces = []
+
+  def fn(x_3, key):
+    traces.append(1)
+    return jnp.tanh(x_3 * 2.0 + 1.0) + jax.random.uniform(key)
+
+  x_Sx3 = jnp.arange(20 * 3, dtype=jnp.float32).reshape(20, 3) / 10
+  keys = jax.vmap(jax.random.key)(jnp.arange(20))
+  chunked = jax.jit(train.chunked_vmap(fn, 1))  # Chunks of 8: 8, 8 and 4 padded to 8.
+  out = chunked(x_Sx3, keys)
+  assert len(traces) == 1
+  whiles = [
+    jax.jit(f).lower(x_Sx3, keys).as_text().count("stablehlo.while")
+    for f in (train.chunked_vmap(fn, 1), jax.vmap(fn))
+  ]
+  assert whiles[0] == whiles[1] + 1  # The chunks' loop.
+  np.testing.assert_allclose(out, jax.vmap(fn)(x_Sx3, keys), rtol=1e-6)
+  assert chunked.__name__ == "fn"  # The program's name, as jax.vmap's: the cache key is kept.
