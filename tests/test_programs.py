@@ -56,7 +56,7 @@ def test_every_matmul_runs_at_the_configured_precision():
 
 
 def test_evaluation_in_seed_chunks_equals_one_vmap(monkeypatch):
-  """On a CPU, evaluation runs cache-sized chunks of seeds in turn (train.seed_chunked): the
+  """On a CPU, evaluation runs cache-sized chunks of seeds in turn (train.chunked_vmap): the
   same metrics as all seeds at once, discrete ones exactly."""
   (cell,) = config_lib.expand_cells(tiny_config())
   dataset = data.dataset_from_config(cell.config.data)
