@@ -260,6 +260,10 @@ def main(argv):
   print(results.format_table(rows))
   print(f"phases: {report.format_phases(phases)}")
   print(f"results in {FLAGS.workdir}: results.csv, results.json, per_seed.npz, report.md")
+  if count == 1 and not FLAGS.distributed:  # Last, after a run that worked.
+    hint = workers.one_process_hint(config, jax.default_backend())
+    if hint:
+      logging.info(hint)
 
 
 if __name__ == "__main__":

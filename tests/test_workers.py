@@ -2,6 +2,7 @@
 
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -80,6 +81,10 @@ def test_two_workers_give_one_process_results_models_and_reevaluation(tmp_path):
   assert "seeds 0-2 on CPUs" in two.stderr and "seeds 3-5 on CPUs" in two.stderr
   assert_same_results(load_per_seed(tmp_path / "one"), load_per_seed(tmp_path / "two"))
   assert two.stdout.splitlines()[:5] == one.stdout.splitlines()[:5]  # The same table.
+  # After its results, one process is told of --workers=0 where that would split the seeds.
+  hint = workers.one_process_hint(runpy.run_path(config_path)["get_config"](), "cpu")
+  assert ("--workers=0 would split the seeds" in one.stderr) == bool(hint), one.stderr[-3000:]
+  assert "--workers=0 would split the seeds" not in two.stderr
   assert not (tmp_path / "two" / "workers").exists()  # Merged, then removed.
   phases = json.loads((tmp_path / "two" / "results.json").read_text())["phases"]
   assert phases["workers"] == 2 and phases["train"] > 0
@@ -205,6 +210,18 @@ def test_zero_workers_is_one_per_core_within_the_memory_budget(monkeypatch):
   assert workers.auto_count(config, "cpu") == 2  # ...and a seed each.
   config.study.memory_budget_mb = 100
   assert workers.auto_count(config, "cpu") == 1
+
+
+def test_one_process_on_several_cores_is_told_of_workers(monkeypatch):
+  monkeypatch.setattr(workers, "cpus", lambda: list(range(4)))
+  config = tiny_config()
+  config.study.seeds = 256
+  config.study.memory_budget_mb = 100_000
+  hint = workers.one_process_hint(config, "cpu")
+  assert "4 CPU cores" in hint and "--workers=0" in hint and "over 4 worker processes" in hint
+  assert workers.one_process_hint(config, "gpu") == ""  # One process is --workers=0 there.
+  monkeypatch.setattr(workers, "cpus", lambda: [0])
+  assert workers.one_process_hint(config, "cpu") == ""
 
 
 @pytest.mark.slow
