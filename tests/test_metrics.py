@@ -102,7 +102,7 @@ def test_argmax_last_is_jnp_argmax(vocab):
   x = x.at[:, 0].set(1.0)  # Every column ties: the first wins.
   x = x.at[:, 1, vocab - 1].set(9.0)  # The maximum in the last (short) block.
   x = x.at[:, 2, [3, vocab - 1]].set(9.0)  # A tie across the first and the last block.
-  x = x.at[:, 3, [vocab // 2, vocab - 2]].set(jnp.nan)  # NaN wins, the first one.
+  x = x.at[:, 3, [vocab // 2, vocab - 2]].set(jnp.nan)  # NaN wins (on a CPU, the first one).
   x = x.at[:, 4].set(-jnp.inf)
   x = x.at[:, 5, vocab // 3].set(jnp.inf)
   x = x.at[:, 6, [0, vocab // 2]].set(jnp.inf)
@@ -110,7 +110,11 @@ def test_argmax_last_is_jnp_argmax(vocab):
   np.testing.assert_array_equal(metrics.argmax_last(x), expected)
   np.testing.assert_array_equal(jax.jit(jax.vmap(metrics.argmax_last))(x), expected)
   np.testing.assert_array_equal(metrics.argmax_last(x[0, 7]), expected[0, 7])  # One row.
-  assert expected[0, 0] == 0 and expected[0, 2] == 3 and expected[0, 3] == vocab // 2
+  assert expected[0, 0] == 0 and expected[0, 2] == 3
+  # Which of two NaNs jnp.argmax picks is the backend's: XLA:GPU's reduction order gave the
+  # second at V = 300 and 20 001 (an H200, jax 0.11.2); the CPU's is always the first.
+  nans = (vocab // 2,) if jax.default_backend() == "cpu" else (vocab // 2, vocab - 2)
+  assert expected[0, 3] in nans
 
 
 def test_unigram_distribution_skips_id_0():

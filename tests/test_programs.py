@@ -57,7 +57,7 @@ def test_every_matmul_runs_at_the_configured_precision():
 
 def test_evaluation_in_seed_chunks_equals_one_vmap(monkeypatch):
   """On a CPU, evaluation runs cache-sized chunks of seeds in turn (train.chunked_vmap): the
-  same metrics as all seeds at once, discrete ones exactly."""
+  same metrics as all seeds at once, discrete ones exactly. Other backends run one vmap."""
   (cell,) = config_lib.expand_cells(tiny_config())
   dataset = data.dataset_from_config(cell.config.data)
   seeds = jnp.arange(17, dtype=jnp.int32)  # Chunks of 8: the last one is padded.
@@ -72,7 +72,10 @@ def test_evaluation_in_seed_chunks_equals_one_vmap(monkeypatch):
   whole, whiles_whole = evaluate()
   monkeypatch.setattr(train, "CPU_CHUNK_BYTES", 1)  # The smallest chunks: 8 seeds.
   chunked, whiles_chunked = evaluate()
-  assert whiles_chunked > whiles_whole  # The chunks' loop.
+  if jax.default_backend() == "cpu":
+    assert whiles_chunked > whiles_whole  # The chunks' loop.
+  else:
+    assert whiles_chunked == whiles_whole
   for a, b in zip(
     jax.tree_util.tree_leaves(chunked), jax.tree_util.tree_leaves(whole), strict=True
   ):

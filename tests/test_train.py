@@ -173,7 +173,8 @@ def test_seed_chunks_equal_one_vmap(monkeypatch, num_seeds):
 
 def test_chunked_vmap_traces_once_and_equals_vmap():
   """programs.per_seed's chunking: one trace of fn (a custom_vmap traces it twice), the chunks'
-  loop in the program, and the plain vmap's values, the padded last chunk cut off."""
+  loop in the program on a CPU (none elsewhere: vmap is left alone), and the plain vmap's
+  values, the padded last chunk cut off."""
   traces = []
 
   def fn(x_3, key):
@@ -189,6 +190,6 @@ def test_chunked_vmap_traces_once_and_equals_vmap():
     jax.jit(f).lower(x_Sx3, keys).as_text().count("stablehlo.while")
     for f in (train.chunked_vmap(fn, 1), jax.vmap(fn))
   ]
-  assert whiles[0] == whiles[1] + 1  # The chunks' loop.
+  assert whiles[0] == whiles[1] + (jax.default_backend() == "cpu")  # The chunks' loop.
   np.testing.assert_allclose(out, jax.vmap(fn)(x_Sx3, keys), rtol=1e-6)
   assert chunked.__name__ == "fn"  # The program's name, as jax.vmap's: the cache key is kept.
