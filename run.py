@@ -13,6 +13,7 @@ STARTED = time.time()  # For the start-up phase: imports and JAX's start count.
 import research  # noqa: E402, F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
 
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
@@ -186,6 +187,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  hosts.reliable_interrupts()
   try:
     config = FLAGS.config  # Loaded lazily: a missing or broken file fails here.
     config.to_dict()
@@ -246,6 +248,7 @@ def main(argv):
       fail(str(e), e.code)
     sys.exit(e.code)  # The worker printed its own error line.
   except KeyboardInterrupt:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # No second one (hosts.reliable_interrupts).
     if worker is not None:
       os._exit(INTERRUPTED)  # The parent says it, once.
     print(

@@ -7,12 +7,15 @@ done) shares its outcome with the others, so an error there stops every process 
 message. With one process every function here is a no-op or the identity.
 """
 
+import _thread
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -152,6 +155,43 @@ def supervise(argv: list[str], process: str) -> int:
     return 1
   sys.stderr.write("".join(held))
   return code if code >= 0 else 128 - code
+
+
+REINTERRUPT_SECONDS = 0.5
+
+
+def reliable_interrupts() -> None:
+  """Makes Ctrl-C stop the run even where JAX swallows its KeyboardInterrupt.
+
+  Python raises a SIGINT's KeyboardInterrupt in whatever Python code runs next, and where that
+  is JAX's garbage-collection callback (jax/_src/lib/__init__.py, run from gc.callbacks, where
+  Python prints an exception and ignores it) or one of its bare `except:` clauses, the
+  interrupt is lost and the run goes on: seen here when Ctrl-C came during compilation. So
+  after a SIGINT, KeyboardInterrupt is raised again every REINTERRUPT_SECONDS until the process
+  exits. Left alone where SIGINT is ignored (a shell's background job) or handled by another.
+  """
+  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    return
+
+  def again() -> None:
+    while True:
+      time.sleep(REINTERRUPT_SECONDS)
+      _thread.interrupt_main(signal.SIGINT)
+
+  def handler(signum, frame):
+    if not handler.interrupted:
+      handler.interrupted = True
+      threading.Thread(target=again, daemon=True, name="reinterrupt").start()
+    raise KeyboardInterrupt
+
+  def unraisable(report) -> None:  # The swallowed one is raised again: no "Exception ignored".
+    if not issubclass(report.exc_type, KeyboardInterrupt):
+      print_unraisable(report)
+
+  handler.interrupted = False
+  print_unraisable = sys.unraisablehook
+  sys.unraisablehook = unraisable
+  signal.signal(signal.SIGINT, handler)
 
 
 def die_with_parent() -> None:

@@ -31,6 +31,62 @@ def test_one_process_writes_and_shares_unchanged():
     hosts.on_writer(refuse, (workdir.WorkdirError,))
 
 
+# A SIGINT whose KeyboardInterrupt is swallowed, as JAX's gc callback (a finalizer: Python
+# prints "Exception ignored") and its bare `except:` clauses can do; then work that would
+# finish unless interrupted again.
+SWALLOWED = r"""
+import os, signal, sys, time
+from research import hosts
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+hosts.reliable_interrupts()
+
+class Finalizer:
+  def __del__(self):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+
+if sys.argv[1] == "finalizer":
+  Finalizer()
+else:
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+  except:  # noqa: E722
+    pass
+print("swallowed", flush=True)
+start = time.time()
+try:
+  while time.time() < start + 20:
+    sum(range(1000))
+except KeyboardInterrupt:
+  print(f"raised again after {time.time() - start:.1f} s", flush=True)
+  sys.exit(0)
+print("lost", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["bare_except", "finalizer"])
+def test_a_swallowed_interrupt_is_raised_again(where):
+  out = subprocess.run(
+    [sys.executable, "-c", SWALLOWED, where], cwd=ROOT, env=subprocess_env(),
+    capture_output=True, text=True, timeout=60,
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.split("\n")
+  assert lines[0] == "swallowed" and lines[1].startswith("raised again after"), out.stdout
+  assert float(lines[1].split()[3]) <= 3 * hosts.REINTERRUPT_SECONDS
+  assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_interrupts_are_left_alone_where_sigint_is_ignored():
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    hosts.reliable_interrupts()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, before)
+
+
 # What JAX's coordination client prints when it aborts a process whose peer died.
 ABORT = r"""
 import os, sys
