@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One command for a GPU (or TPU) machine: the blog study cold and warm (and twice more with XLA's
-# deterministic GPU ops, comparing the per-seed arrays of each pair), both test tiers, the
-# throughput bench at 1k/8k/32k seeds, the train step's profile at 32k seeds, and the full-size
-# runs of bench/scale.py that a 2-core CPU cannot finish (the word run at V = 20 001 and the
-# blog study at 100 000 seeds), in that order; prints one table and writes bench/accelerator/.
+# One command for a GPU (or TPU) machine: the blog study cold and warm, the throughput bench at
+# 1k/8k/32k seeds, the blog study twice more with XLA's deterministic GPU ops (comparing the
+# per-seed arrays of each pair) and once cold with all of JAX's XLA caches, the fast test tier, the train step's profile at 32k seeds, the
+# slow test tier, and the full-size runs of bench/scale.py that a 2-core CPU cannot finish (the
+# word run at V = 20 001 and the blog study at 100 000 seeds), in that order; prints one table
+# and writes bench/accelerator/.
 #
 #   bash bench/accelerator.sh            # from the repository root, with the package installed
 #   (pip install -e '.[cuda,test]'; the machine needs ml-collections and orbax-checkpoint too)
@@ -11,7 +12,10 @@
 # Environment: PYTHON (default python3); OUT_DIR (default bench/accelerator); PYTEST_ARGS, e.g.
 # "-n 8" with pytest-xdist (GPU memory is then allocated on demand, not preallocated per
 # process); TIME_BUDGET, seconds for all the steps together (default 3600): each step gets
-# what is left, and a step that ran out shows exit 124 in the table.
+# what is left, and a step that ran out shows exit 124 in the table; STEPS, the steps to run, in
+# the order they always run in (default: all of blog_cold blog_warm bench blog_det1 blog_det2
+# blog_xla_caches tests_fast profile tests_slow scale), so a short lease gets the headline
+# figures first.
 # Timings name the device; compare figures only within one run of this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +24,12 @@ out=${OUT_DIR:-bench/accelerator}
 deadline=$((SECONDS + ${TIME_BUDGET:-3600}))
 mkdir -p "$out"
 export XDG_CACHE_HOME="$out/cache"  # A fresh compilation cache: the first blog run is cold.
-rm -rf "$XDG_CACHE_HOME" "$out"/blog_*
+rm -rf "$XDG_CACHE_HOME" "$out/cache_all" "$out"/blog_*
 device=$($py -c "import jax; d = jax.devices()[0]; print(jax.default_backend(), d.device_kind)")
 
 timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its log in $out/NAME.log
   local name=$1; shift
+  [[ " $steps " == *" $name "* ]] || return 0
   local start=$SECONDS left=$((deadline - SECONDS))
   if ((left < 10)); then echo "$name 0 skipped" >>"$out/times.txt"; return; fi
   timeout "$left" "$@" >"$out/$name.log" 2>&1
@@ -32,22 +37,28 @@ timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its l
   echo "$name $((SECONDS - start)) $rc" >>"$out/times.txt"
 }
 : >"$out/times.txt"
+steps=${STEPS:-blog_cold blog_warm bench blog_det1 blog_det2 blog_xla_caches tests_fast profile tests_slow scale}
 timed blog_cold $py run.py --config=configs/blog.py --workdir="$out/blog_cold"
 timed blog_warm $py run.py --config=configs/blog.py --workdir="$out/blog_warm"
+timed bench $py bench/throughput.py --seeds=1024,8192,32768 --repeats=3 --loop_seeds=3 \
+  --impl_seeds=8192 --out="$out/throughput.json"
 # Is a GPU run repeatable? The embedding gradient's scatter-add uses float atomics. The same
 # study twice with XLA's deterministic ops (cold, as the flag changes the cache key, then warm);
 # the table compares both pairs' per-seed arrays and the flag's results against the default's.
 det_flags="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
 timed blog_det1 env XLA_FLAGS="$det_flags" $py run.py --config=configs/blog.py --workdir="$out/blog_det1"
 timed blog_det2 env XLA_FLAGS="$det_flags" $py run.py --config=configs/blog.py --workdir="$out/blog_det2"
+# Does JAX's full set of XLA caches cut the cold compile? By default the persistent cache adds
+# only XLA's per-fusion autotuning results; "all" adds its kernel cache and compiles LLVM
+# modules in parallel. Cold, in a cache of its own; compared with blog_cold's arrays.
+timed blog_xla_caches env XDG_CACHE_HOME="$out/cache_all" JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=all \
+  $py run.py --config=configs/blog.py --workdir="$out/blog_xla_caches"
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments.
 timed tests_fast env XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-}
+timed profile $py bench/profile.py --seeds=32768 --variants=fused,fused:tf32 --out="$out/profile.json"
 # shellcheck disable=SC2086
 timed tests_slow env XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider -m slow \
   ${PYTEST_ARGS:-}
-timed bench $py bench/throughput.py --seeds=1024,8192,32768 --repeats=3 --loop_seeds=3 \
-  --impl_seeds=8192 --out="$out/throughput.json"
-timed profile $py bench/profile.py --seeds=32768 --variants=fused,fused:tf32 --out="$out/profile.json"
 timed scale $py bench/scale.py --runs=words,blog --save_models=false --timeout=0 \
   --logs_dir="$out/scale_logs" --out="$out/scale.json"
 
@@ -60,7 +71,7 @@ for line in open(f"{out}/times.txt"):
   name, seconds, rc = line.split()
   times[name] = (seconds, rc)
 print(f"device: {device}")
-print(f"{'step':<12} {'wall s':>7} {'exit':>7}  detail")
+print(f"{'step':<16} {'wall s':>7} {'exit':>7}  detail")
 for name, (seconds, rc) in times.items():
   detail = ""
   if name.startswith("blog"):
@@ -86,7 +97,7 @@ for name, (seconds, rc) in times.items():
   if name.startswith("tests") and rc != "skipped":
     lines = open(f"{out}/{name}.log").read().strip().splitlines()
     detail = lines[-1] if lines else ""
-  print(f"{name:<12} {seconds:>7} {rc:>7}  {detail}")
+  print(f"{name:<16} {seconds:>7} {rc:>7}  {detail}")
 
 
 def same(a, b):
@@ -110,6 +121,7 @@ def same(a, b):
 
 for a, b, what in [("blog_cold", "blog_warm", "default flags, run twice"),
                    ("blog_det1", "blog_det2", "deterministic ops, run twice"),
-                   ("blog_warm", "blog_det1", "deterministic ops against default")]:
-  print(f"{'compare':<12} {'':>7} {'':>7}  {what}: {same(a, b)}")
+                   ("blog_warm", "blog_det1", "deterministic ops against default"),
+                   ("blog_cold", "blog_xla_caches", "all XLA caches against default")]:
+  print(f"{'compare':<16} {'':>7} {'':>7}  {what}: {same(a, b)}")
 PY
