@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU (or TPU) machine: the blog study cold and warm, the throughput bench at
 # 1k/8k/32k seeds, the blog study twice more with XLA's deterministic GPU ops (comparing the
-# per-seed arrays of each pair) and once cold with all of JAX's XLA caches, the fast test tier, the train step's profile at 32k seeds, the
-# slow test tier, and the full-size runs of bench/scale.py that a 2-core CPU cannot finish (the
-# word run at V = 20 001 and the blog study at 100 000 seeds), in that order; prints one table
-# and writes bench/accelerator/.
+# per-seed arrays of each pair), cold with all of JAX's XLA caches and cold with JAX's threefry
+# GPU kernel (two ways to compile faster), the fast test tier, the train step's profile at 32k
+# seeds, the slow test tier, and the full-size runs of bench/scale.py that a 2-core CPU cannot
+# finish (the word run at V = 20 001 and the blog study at 100 000 seeds), in that order;
+# prints one table and writes bench/accelerator/.
 #
 #   bash bench/accelerator.sh            # from the repository root, with the package installed
 #   (pip install -e '.[cuda,test]'; the machine needs ml-collections and orbax-checkpoint too)
@@ -14,8 +15,8 @@
 # process); TIME_BUDGET, seconds for all the steps together (default 3600): each step gets
 # what is left, and a step that ran out shows exit 124 in the table; STEPS, the steps to run, in
 # the order they always run in (default: all of blog_cold blog_warm bench blog_det1 blog_det2
-# blog_xla_caches tests_fast profile tests_slow scale), so a short lease gets the headline
-# figures first.
+# blog_xla_caches blog_threefry tests_fast profile tests_slow scale), so a short lease gets the
+# headline figures first.
 # Timings name the device; compare figures only within one run of this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ out=${OUT_DIR:-bench/accelerator}
 deadline=$((SECONDS + ${TIME_BUDGET:-3600}))
 mkdir -p "$out"
 export XDG_CACHE_HOME="$out/cache"  # A fresh compilation cache: the first blog run is cold.
-rm -rf "$XDG_CACHE_HOME" "$out/cache_all" "$out"/blog_*
+rm -rf "$XDG_CACHE_HOME" "$out/cache_all" "$out/cache_threefry" "$out"/blog_*
 device=$($py -c "import jax; d = jax.devices()[0]; print(jax.default_backend(), d.device_kind)")
 
 timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its log in $out/NAME.log
@@ -37,7 +38,9 @@ timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its l
   echo "$name $((SECONDS - start)) $rc" >>"$out/times.txt"
 }
 : >"$out/times.txt"
-steps=${STEPS:-blog_cold blog_warm bench blog_det1 blog_det2 blog_xla_caches tests_fast profile tests_slow scale}
+all_steps="blog_cold blog_warm bench blog_det1 blog_det2 blog_xla_caches blog_threefry"
+all_steps+=" tests_fast profile tests_slow scale"
+steps=${STEPS:-$all_steps}
 timed blog_cold $py run.py --config=configs/blog.py --workdir="$out/blog_cold"
 timed blog_warm $py run.py --config=configs/blog.py --workdir="$out/blog_warm"
 timed bench $py bench/throughput.py --seeds=1024,8192,32768 --repeats=3 --loop_seeds=3 \
@@ -53,6 +56,10 @@ timed blog_det2 env XLA_FLAGS="$det_flags" $py run.py --config=configs/blog.py -
 # modules in parallel. Cold, in a cache of its own; compared with blog_cold's arrays.
 timed blog_xla_caches env XDG_CACHE_HOME="$out/cache_all" JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=all \
   $py run.py --config=configs/blog.py --workdir="$out/blog_xla_caches"
+# And JAX's threefry kernel: the random bits from one CUDA kernel rather than inlined HLO (a
+# third of the init program on the CPU); JAX says it compiles faster. Same bits by design.
+timed blog_threefry env XDG_CACHE_HOME="$out/cache_threefry" JAX_THREEFRY_GPU_KERNEL_LOWERING=true \
+  $py run.py --config=configs/blog.py --workdir="$out/blog_threefry"
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments.
 timed tests_fast env XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-}
 timed profile $py bench/profile.py --seeds=32768 --variants=fused,fused:tf32 --out="$out/profile.json"
@@ -122,6 +129,7 @@ def same(a, b):
 for a, b, what in [("blog_cold", "blog_warm", "default flags, run twice"),
                    ("blog_det1", "blog_det2", "deterministic ops, run twice"),
                    ("blog_warm", "blog_det1", "deterministic ops against default"),
-                   ("blog_cold", "blog_xla_caches", "all XLA caches against default")]:
+                   ("blog_cold", "blog_xla_caches", "all XLA caches against default"),
+                   ("blog_cold", "blog_threefry", "threefry kernel against default")]:
   print(f"{'compare':<16} {'':>7} {'':>7}  {what}: {same(a, b)}")
 PY
