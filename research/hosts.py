@@ -173,14 +173,18 @@ def reliable_interrupts() -> None:
   if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
     return
 
+  interrupted = False
+  print_unraisable = sys.unraisablehook
+
   def again() -> None:
     while True:
       time.sleep(REINTERRUPT_SECONDS)
       _thread.interrupt_main(signal.SIGINT)
 
   def handler(signum, frame):
-    if not handler.interrupted:
-      handler.interrupted = True
+    nonlocal interrupted
+    if not interrupted:
+      interrupted = True
       threading.Thread(target=again, daemon=True, name="reinterrupt").start()
     raise KeyboardInterrupt
 
@@ -188,8 +192,6 @@ def reliable_interrupts() -> None:
     if not issubclass(report.exc_type, KeyboardInterrupt):
       print_unraisable(report)
 
-  handler.interrupted = False
-  print_unraisable = sys.unraisablehook
   sys.unraisablehook = unraisable
   signal.signal(signal.SIGINT, handler)
 
