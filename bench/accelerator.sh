@@ -41,25 +41,27 @@ timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its l
 all_steps="blog_cold blog_warm bench blog_det1 blog_det2 blog_xla_caches blog_threefry"
 all_steps+=" tests_fast profile tests_slow scale"
 steps=${STEPS:-$all_steps}
-timed blog_cold $py run.py --config=configs/blog.py --workdir="$out/blog_cold"
-timed blog_warm $py run.py --config=configs/blog.py --workdir="$out/blog_warm"
+blog() {  # blog NAME [VAR=VALUE...]: the blog study in $out/NAME (the table reads it there)
+  local name=$1; shift
+  timed "$name" env "$@" $py run.py --config=configs/blog.py --workdir="$out/$name"
+}
+blog blog_cold
+blog blog_warm
 timed bench $py bench/throughput.py --seeds=1024,8192,32768 --repeats=3 --loop_seeds=3 \
   --impl_seeds=8192 --out="$out/throughput.json"
 # Is a GPU run repeatable? The embedding gradient's scatter-add uses float atomics. The same
 # study twice with XLA's deterministic ops (cold, as the flag changes the cache key, then warm);
 # the table compares both pairs' per-seed arrays and the flag's results against the default's.
 det_flags="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
-timed blog_det1 env XLA_FLAGS="$det_flags" $py run.py --config=configs/blog.py --workdir="$out/blog_det1"
-timed blog_det2 env XLA_FLAGS="$det_flags" $py run.py --config=configs/blog.py --workdir="$out/blog_det2"
+blog blog_det1 XLA_FLAGS="$det_flags"
+blog blog_det2 XLA_FLAGS="$det_flags"
 # Does JAX's full set of XLA caches cut the cold compile? By default the persistent cache adds
 # only XLA's per-fusion autotuning results; "all" adds its kernel cache and compiles LLVM
 # modules in parallel. Cold, in a cache of its own; compared with blog_cold's arrays.
-timed blog_xla_caches env XDG_CACHE_HOME="$out/cache_all" JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=all \
-  $py run.py --config=configs/blog.py --workdir="$out/blog_xla_caches"
+blog blog_xla_caches XDG_CACHE_HOME="$out/cache_all" JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=all
 # And JAX's threefry kernel: the random bits from one CUDA kernel rather than inlined HLO (a
 # third of the init program on the CPU); JAX says it compiles faster. Same bits by design.
-timed blog_threefry env XDG_CACHE_HOME="$out/cache_threefry" JAX_THREEFRY_GPU_KERNEL_LOWERING=true \
-  $py run.py --config=configs/blog.py --workdir="$out/blog_threefry"
+blog blog_threefry XDG_CACHE_HOME="$out/cache_threefry" JAX_THREEFRY_GPU_KERNEL_LOWERING=true
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments.
 timed tests_fast env XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-}
 timed profile $py bench/profile.py --seeds=32768 --variants=fused,fused:tf32 --out="$out/profile.json"
