@@ -75,7 +75,6 @@ def test_a_swallowed_interrupt_is_raised_again(where):
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.split("\n")
   assert lines[0] == "swallowed" and lines[1].startswith("raised again after"), out.stdout
-  assert float(lines[1].split()[3]) <= 3 * hosts.REINTERRUPT_SECONDS
   assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
