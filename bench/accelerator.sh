@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU (or TPU) machine: the blog study cold and warm, the throughput bench at
 # 1k/8k/32k seeds, the blog study twice more with XLA's deterministic GPU ops (comparing the
-# per-seed arrays of each pair), cold with all of JAX's XLA caches and cold with JAX's threefry
-# GPU kernel (two ways to compile faster), the fast test tier, the train step's profile at 32k
-# seeds, the slow test tier, and the full-size runs of bench/scale.py that a 2-core CPU cannot
-# finish (the word run at V = 20 001 and the blog study at 100 000 seeds), in that order;
+# per-seed arrays of each pair), cold with all of JAX's XLA caches, cold with JAX's threefry
+# GPU kernel and cold without XLA's autotuning (three ways to compile faster), the fast test
+# tier, the train step's profile at 32k seeds, the slow test tier, and the full-size runs of
+# bench/scale.py that a 2-core CPU cannot finish (the word run at V = 20 001 and the blog study
+# at 100 000 seeds), in that order;
 # prints one table and writes bench/accelerator/.
 #
 #   bash bench/accelerator.sh            # from the repository root, with the package installed
@@ -15,8 +16,8 @@
 # process); TIME_BUDGET, seconds for all the steps together (default 3600): each step gets
 # what is left, and a step that ran out shows exit 124 in the table; STEPS, the steps to run, in
 # the order they always run in (default: all of blog_cold blog_warm bench blog_det1 blog_det2
-# blog_xla_caches blog_threefry tests_fast profile tests_slow scale), so a short lease gets the
-# headline figures first.
+# blog_xla_caches blog_threefry blog_autotune0 tests_fast profile tests_slow scale), so a short
+# lease gets the headline figures first.
 # Timings name the device; compare figures only within one run of this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ out=${OUT_DIR:-bench/accelerator}
 deadline=$((SECONDS + ${TIME_BUDGET:-3600}))
 mkdir -p "$out"
 export XDG_CACHE_HOME="$out/cache"  # A fresh compilation cache: the first blog run is cold.
-rm -rf "$XDG_CACHE_HOME" "$out/cache_all" "$out/cache_threefry" "$out"/blog_*
+rm -rf "$XDG_CACHE_HOME" "$out"/cache_* "$out"/blog_*
 device=$($py -c "import jax; d = jax.devices()[0]; print(jax.default_backend(), d.device_kind)")
 
 timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its log in $out/NAME.log
@@ -38,7 +39,7 @@ timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its l
   echo "$name $((SECONDS - start)) $rc" >>"$out/times.txt"
 }
 : >"$out/times.txt"
-all_steps="blog_cold blog_warm bench blog_det1 blog_det2 blog_xla_caches blog_threefry"
+all_steps="blog_cold blog_warm bench blog_det1 blog_det2 blog_xla_caches blog_threefry blog_autotune0"
 all_steps+=" tests_fast profile tests_slow scale"
 steps=${STEPS:-$all_steps}
 blog() {  # blog NAME [VAR=VALUE...]: the blog study in $out/NAME (the table reads it there)
@@ -62,6 +63,9 @@ blog blog_xla_caches XDG_CACHE_HOME="$out/cache_all" JAX_PERSISTENT_CACHE_ENABLE
 # And JAX's threefry kernel: the random bits from one CUDA kernel rather than inlined HLO (a
 # third of the init program on the CPU); JAX says it compiles faster. Same bits by design.
 blog blog_threefry XDG_CACHE_HOME="$out/cache_threefry" JAX_THREEFRY_GPU_KERNEL_LOWERING=true
+# And XLA's GPU autotuning off (cuBLAS's and the emitters' default choices): on the H200 the
+# deterministic-ops run, which autotunes less, compiled 13 s faster. Cold, in a cache of its own.
+blog blog_autotune0 XDG_CACHE_HOME="$out/cache_autotune0" XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments.
 timed tests_fast env XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-}
 timed profile $py bench/profile.py --seeds=32768 --variants=fused,fused:tf32 --out="$out/profile.json"
@@ -74,6 +78,7 @@ timed scale $py bench/scale.py --runs=words,blog --save_models=false --timeout=0
 $py - "$out" "$device" <<'PY'
 import json, os, sys
 import numpy as np
+from research import report
 out, device = sys.argv[1], sys.argv[2]
 times = {}
 for line in open(f"{out}/times.txt"):
@@ -88,7 +93,8 @@ for name, (seconds, rc) in times.items():
     if os.path.exists(path):
       phases = json.load(open(path)).get("phases", {})
       detail = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in phases.items())
+                         for k, v in phases.items() if isinstance(v, (int, float)))
+      detail += "\n" + " " * 34 + report.format_compiles(phases)
   if name == "bench" and os.path.exists(f"{out}/throughput.json"):
     r = json.load(open(f"{out}/throughput.json"))
     detail = "; ".join(f"{v['seeds']} seeds {v['seeds_per_s']:.0f}/s" for v in r["vmapped"])
@@ -132,6 +138,7 @@ for a, b, what in [("blog_cold", "blog_warm", "default flags, run twice"),
                    ("blog_det1", "blog_det2", "deterministic ops, run twice"),
                    ("blog_warm", "blog_det1", "deterministic ops against default"),
                    ("blog_cold", "blog_xla_caches", "all XLA caches against default"),
-                   ("blog_cold", "blog_threefry", "threefry kernel against default")]:
+                   ("blog_cold", "blog_threefry", "threefry kernel against default"),
+                   ("blog_cold", "blog_autotune0", "autotuning off against default")]:
   print(f"{'compare':<16} {'':>7} {'':>7}  {what}: {same(a, b)}")
 PY

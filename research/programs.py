@@ -75,6 +75,13 @@ def default_budget() -> int:
     return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def named(fn, name: str):
+  """fn under a program's name: JAX's compile events (the run's per-program compile times)
+  and the compiled module are named after the jitted function."""
+  fn.__name__ = fn.__qualname__ = name
+  return fn
+
+
 def at_precision(fn, precision: str):
   """fn, traced with every matmul at this precision (forward, backward and custom VJPs)."""
 
@@ -137,7 +144,8 @@ class Programs:
     """The jitted state -> (state, losses SxE) of num_epochs epochs; the state is donated."""
     if num_epochs not in self._run_epochs:
       run = per_seed(lambda s: self.trainer.run_epochs(s, num_epochs))
-      self._run_epochs[num_epochs] = jax.jit(at_precision(run, self.precision), donate_argnums=0)
+      train = named(at_precision(run, self.precision), "train")
+      self._run_epochs[num_epochs] = jax.jit(train, donate_argnums=0)
     return self._run_epochs[num_epochs]
 
   def run_epochs(self, state: train_lib.TrainState, num_epochs: int):
@@ -168,11 +176,15 @@ def build(
   # study's evaluation phase runs 1.3x as fast at 256 seeds (README, Set-up and use).
   chunk = train_lib.CPU_CHUNK_BYTES
   precision = matmul_precision(config)
+
+  def program(fn, name: str, chunk_bytes: int = 0):
+    return jax.jit(named(at_precision(per_seed(fn, chunk_bytes), precision), name))
+
   return Programs(
     trainer=trainer,
-    init=jax.jit(at_precision(per_seed(init_one), precision)),
-    evaluate=jax.jit(at_precision(per_seed(evaluators.final, chunk), precision)),
-    dynamics=jax.jit(at_precision(per_seed(evaluators.dynamics, chunk), precision)),
+    init=program(init_one, "init"),
+    evaluate=program(evaluators.final, "evaluate", chunk),
+    dynamics=program(evaluators.dynamics, "dynamics", chunk),
     footprint=fp,
     precision=precision,
   )

@@ -93,6 +93,57 @@ def format_phases(phases: dict) -> str:
   return "; ".join(parts)
 
 
+# Programs compiling faster than this are summed into one entry (JAX's and the study's helpers).
+MINOR_COMPILE_SECONDS = 0.05
+
+
+def _split_programs(phases: dict) -> tuple[list[dict], list[dict]]:
+  """(the programs that took MINOR_COMPILE_SECONDS or more, in compile order; the rest)."""
+  records = phases.get("compile_programs") or []
+  major = [r for r in records if r["seconds"] >= MINOR_COMPILE_SECONDS]
+  return major, [r for r in records if r["seconds"] < MINOR_COMPILE_SECONDS]
+
+
+def format_compiles(phases: dict) -> str:
+  """Compile seconds per program in one line, slowest first, each program's groups summed in
+  compile order: "compile per program: evaluate 2.7 + 3.4 s, ..." ("" when not recorded)."""
+  major, minor = _split_programs(phases)
+  if not major and not minor:
+    return ""
+  by_name = {}
+  for r in major:
+    by_name.setdefault(r["program"], []).append(r["seconds"])
+  slowest = sorted(by_name.items(), key=lambda item: -sum(item[1]))
+  parts = [f"{name} {' + '.join(f'{s:.1f}' for s in secs)} s" for name, secs in slowest]
+  if minor:
+    parts.append(f"{len(minor)} more {sum(r['seconds'] for r in minor):.1f} s")
+  return "compile per program: " + ", ".join(parts)
+
+
+def compile_table(phases: dict) -> str:
+  """The last run's compilation per program: tracing, lowering, XLA (or a cache load)."""
+  major, minor = _split_programs(phases)
+  header = ["cells", "program", "trace s", "lower s", "XLA compile s", "from the cache"]
+  body = [
+    [
+      f"`{_md(r['cells'])}`" if r["cells"] else "-",
+      f"`{_md(r['program'])}`",
+      f"{r['trace']:.2f}",
+      f"{r['lower']:.2f}",
+      f"{r['backend']:.2f}",
+      "yes" if r["cache_hit"] else "no",
+    ]
+    for r in major
+  ]
+  if minor:
+    total = [sum(r[k] for r in minor) for k in ("trace", "lower", "backend")]
+    hits = sum(r["cache_hit"] for r in minor)
+    body.append(
+      ["-", f"{len(minor)} more", *(f"{t:.2f}" for t in total), f"{hits} of {len(minor)}"]
+    )
+  return _table(header, body, "llrrrl")
+
+
 def _phases(phases: dict) -> str:
   return format_phases(phases) or "phases not recorded"
 
@@ -145,6 +196,14 @@ def setup_section(directory: str, study: workdir.Finished) -> list[str]:
     cells_table(study),
     "",
   ]
+  if study.phases.get("compile_programs"):
+    lines += [
+      "Compilation in the last run, per program (its first call's tracing and lowering by "
+      "JAX, then XLA's compile, or its load from the persistent compilation cache):",
+      "",
+      compile_table(study.phases),
+      "",
+    ]
   return lines
 
 

@@ -7,6 +7,8 @@ import functools
 import hashlib
 import json
 import math
+import re
+import threading
 import time
 
 import jax
@@ -98,6 +100,12 @@ class Group:
     return self.cells[0].config
 
   @property
+  def label(self) -> str:
+    """The group's cells, shortly: its first cell's name, and how many more."""
+    more = len(self.cells) - 1
+    return self.cells[0].name + (f" (+{more} more)" if more else "")
+
+  @property
   def greedy(self) -> str | None:
     """The name of the cells' first greedy decoding, if any (it gives the last curve point)."""
     names = [d.name for d in self.cells[0].decodings if d.generate.strategy == "greedy"]
@@ -112,21 +120,101 @@ def group_cells(cells: list[config_lib.Cell]) -> list[Group]:
   return [Group.build(group) for group in groups.values()]
 
 
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+@dataclasses.dataclass
+class ProgramCompile:
+  """One program's compilation: JAX's tracing and lowering, then XLA's compile or a load of
+  the compiled program from the persistent compilation cache."""
+
+  program: str  # The jitted function's name: init, train, evaluate, dynamics, ...
+  cells: str = ""  # The cells whose group compiled it ("" outside a group: helpers).
+  trace: float = 0.0  # Seconds.
+  lower: float = 0.0
+  backend: float = 0.0  # XLA's compile, or the cache load when cache_hit.
+  cache_hit: bool = False
+
+  @property
+  def seconds(self) -> float:
+    return self.trace + self.lower + self.backend
+
+  def as_dict(self) -> dict:
+    fields = dataclasses.asdict(self)
+    times = {k: round(fields[k], 4) for k in ("trace", "lower", "backend")}
+    return dict(fields, **times, seconds=round(self.seconds, 4))
+
+
+def _program_name(fun_name: str) -> str:
+  """jit(f) -> f: JAX names a program's lowering and compile events after the jit."""
+  match = re.fullmatch(r"jit\((.*)\)", fun_name)
+  return match.group(1) if match else fun_name or "?"
+
+
 class _CompileClock:
-  """JAX's compile events (tracing, lowering, XLA compile) and persistent-cache hits, summed."""
+  """JAX's compile events (tracing, lowering, XLA compile), summed and per program."""
 
   def __init__(self):
-    self.seconds, self.compiled, self.cache_hits = 0.0, 0, 0
+    self.seconds = 0.0  # Every compile event's, a program's tracing without a compile too.
+    self.programs: list[ProgramCompile] = []  # In compile order.
+    self._lock = threading.Lock()
+    self._thread = threading.local()  # Per thread: its open records, a pending cache hit.
 
-  def on_duration(self, name: str, seconds: float, **_) -> None:
-    if name.startswith("/jax/core/compile/"):
+  def _local(self):
+    if not hasattr(self._thread, "open"):
+      self._thread.open, self._thread.hit, self._thread.cells = {}, False, ""
+    return self._thread
+
+  @contextlib.contextmanager
+  def group(self, cells: str):
+    """Records programs compiled inside as the group of `cells`'s."""
+    local = self._local()
+    before, local.cells = local.cells, cells
+    try:
+      yield
+    finally:
+      local.cells = before
+
+  def on_duration(self, name: str, seconds: float, fun_name: str = "", **_) -> None:
+    if not name.startswith("/jax/core/compile/"):
+      return
+    local = self._local()
+    program = _program_name(fun_name)
+    with self._lock:
       self.seconds += seconds
-    if name == "/jax/core/compile/backend_compile_duration":
-      self.compiled += 1
+      record = local.open.setdefault(program, ProgramCompile(program, local.cells))
+      if name == TRACE_EVENT:
+        record.trace += seconds
+      elif name == LOWER_EVENT:
+        record.lower += seconds
+      elif name == BACKEND_EVENT:  # The last event of a compile: the record is complete.
+        record.backend += seconds
+        record.cache_hit, local.hit = local.hit, False
+        record.cells = local.cells
+        self.programs.append(local.open.pop(program))
 
   def on_event(self, name: str, **_) -> None:
-    if name == "/jax/compilation_cache/cache_hits":
-      self.cache_hits += 1
+    if name == CACHE_HIT_EVENT:  # Raised inside the backend compile it served.
+      self._local().hit = True
+
+  def mark(self) -> tuple[float, int]:
+    """Where a run's compile phase starts (tracing without a compile so far is dropped)."""
+    self._local().open.clear()
+    return self.seconds, len(self.programs)
+
+  def since(self, mark: tuple[float, int]) -> dict:
+    """The compile phase's entries of a run's phases, from the events after `mark`."""
+    seconds, first = mark
+    records = self.programs[first:]
+    return dict(
+      compile=self.seconds - seconds,
+      programs_compiled=len(records),
+      compilation_cache_hits=sum(p.cache_hit for p in records),
+      compile_programs=[p.as_dict() for p in records],
+    )
 
 
 _CLOCK = _CompileClock()
@@ -587,7 +675,7 @@ _REFUSALS = (workdir.WorkdirError, files.WriteError, schema.ConfigError)
 
 
 def _run(config, cells, groups, directory: str, start: float) -> list[results.Row]:
-  compile_before = (_CLOCK.seconds, _CLOCK.compiled, _CLOCK.cache_hits)
+  compile_before = _CLOCK.mark()
   startup = time.time() - start
   logging.info(
     "%d cells x %d seeds in %d compiled program(s) on %s",
@@ -607,7 +695,8 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
         logging.info("skipping %s: already finished in %s", cell.name, directory)
         progress.cell_done(cell.name)
     if any(c.name not in done for c in group.cells):
-      _run_group(group, done, directory, budget, progress)
+      with _CLOCK.group(group.label):
+        _run_group(group, done, directory, budget, progress)
   if not writer:
     return []  # Process 0 writes the results.
   return workdir.write_results(
@@ -618,13 +707,12 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
 
 def _phases(timing: "_Timing", startup: float, compile_before, total: float) -> dict:
   """Seconds per phase of this run: start-up (process start to the first cell), compilation
-  (JAX's tracing, lowering and XLA compile events; part of training's and evaluation's first
-  calls), training and evaluation of the cells computed in this run, and the whole."""
+  (JAX's tracing, lowering and XLA compile events, also per program; part of training's and
+  evaluation's first calls), training and evaluation of the cells computed in this run, and
+  the whole."""
   return dict(
     startup=startup,
-    compile=_CLOCK.seconds - compile_before[0],
-    programs_compiled=_CLOCK.compiled - compile_before[1],
-    compilation_cache_hits=_CLOCK.cache_hits - compile_before[2],
+    **_CLOCK.since(compile_before),
     train=timing.train,
     evaluate=timing.evaluate,
     total=total,
@@ -640,7 +728,7 @@ def reevaluate_study(config, directory: str, block: tuple[int, int] | None = Non
   writes its cells to its worker folder (workdir.reevaluation_out), for the parent to merge: the
   parent holds the workdir's lock and checked the config. Returns the rows (none for a block).
   """
-  start, compile_before = time.time(), _CLOCK.seconds
+  start, compile_before = time.time(), _CLOCK.mark()
   cells = config_lib.expand_cells(config)
   check_processes(config)
   groups = group_cells(cells)
@@ -657,42 +745,43 @@ def reevaluate_study(config, directory: str, block: tuple[int, int] | None = Non
   with opened or contextlib.nullcontext():
     budget = budget_bytes(config)
     for group in groups:
-      eval_seeds = plan(group, seeds, budget).eval_seeds
-      for cell in group.cells:
-        t0 = time.time()
-        old_meta, old = workdir.read_cell(directory, cell.name)
-        chunks = workdir.models_of(directory, cell.name)
-        if sum(hi - lo + 1 for lo, hi, _ in chunks) != config.study.seeds:
-          raise workdir.WorkdirError(
-            f"cell {cell.name!r} in {directory!r} has no saved models of all its seeds "
-            "(was it run with study.save_models=False?)"
-          )
-        buffer = _CellBuffer(seeds)
-        for chunk_first, chunk_last, path in chunks:  # In seed order.
-          lo, hi = max(chunk_first, offset + first), min(chunk_last, offset + last)
-          if lo > hi:
-            continue  # Another worker's seeds.
-          num, row = hi - lo + 1, lo - offset  # row: the first one's in the cell's arrays.
-          rows = (lo - chunk_first, hi - chunk_first)
-          state = _load_sharded(
-            group.programs.trainer, chunk_first, chunk_last, path, sharding, rows
-          )
-          evaluation = _in_parts(group.programs.evaluate, state, num, eval_seeds)
-          kept = {k: v[row : row + num] for k, v in old.train.items() if k.startswith("curve_")}
-          trained = _Trained(state, old.train["loss_curve"][row : row + num], kept, 0.0, 0.0)
-          mine = np.ones(num, bool)
-          buffer.add_part(_seed_arrays(mine, trained, evaluation), num, _Timing())
-        t = time.time() - t0
-        timing = _Timing(old_meta.seconds + t, old_meta.train_seconds, old_meta.eval_seconds + t)
-        meta = _cell_meta(cell, group.dataset, timing, old_meta.eval_epochs)
-        arrays = buffer.arrays()
-        if hosts.is_writer():
-          workdir.write_cell(out, cell, meta, arrays)
-        logging.info("re-evaluated %s (%d seeds)", cell.name, seeds - buffer.remaining)
+      with _CLOCK.group(group.label):
+        eval_seeds = plan(group, seeds, budget).eval_seeds
+        for cell in group.cells:
+          t0 = time.time()
+          old_meta, old = workdir.read_cell(directory, cell.name)
+          chunks = workdir.models_of(directory, cell.name)
+          if sum(hi - lo + 1 for lo, hi, _ in chunks) != config.study.seeds:
+            raise workdir.WorkdirError(
+              f"cell {cell.name!r} in {directory!r} has no saved models of all its seeds "
+              "(was it run with study.save_models=False?)"
+            )
+          buffer = _CellBuffer(seeds)
+          for chunk_first, chunk_last, path in chunks:  # In seed order.
+            lo, hi = max(chunk_first, offset + first), min(chunk_last, offset + last)
+            if lo > hi:
+              continue  # Another worker's seeds.
+            num, row = hi - lo + 1, lo - offset  # row: the first one's in the cell's arrays.
+            rows = (lo - chunk_first, hi - chunk_first)
+            state = _load_sharded(
+              group.programs.trainer, chunk_first, chunk_last, path, sharding, rows
+            )
+            evaluation = _in_parts(group.programs.evaluate, state, num, eval_seeds)
+            kept = {k: v[row : row + num] for k, v in old.train.items() if k.startswith("curve_")}
+            trained = _Trained(state, old.train["loss_curve"][row : row + num], kept, 0.0, 0.0)
+            mine = np.ones(num, bool)
+            buffer.add_part(_seed_arrays(mine, trained, evaluation), num, _Timing())
+          t = time.time() - t0
+          timing = _Timing(old_meta.seconds + t, old_meta.train_seconds, old_meta.eval_seconds + t)
+          meta = _cell_meta(cell, group.dataset, timing, old_meta.eval_epochs)
+          arrays = buffer.arrays()
+          if hosts.is_writer():
+            workdir.write_cell(out, cell, meta, arrays)
+          logging.info("re-evaluated %s (%d seeds)", cell.name, seeds - buffer.remaining)
     if block is not None or not hosts.is_writer():
       return []
     total = time.time() - start
-    phases = dict(evaluate=total, compile=_CLOCK.seconds - compile_before, total=total)
+    phases = dict(evaluate=total, **_CLOCK.since(compile_before), total=total)
     return workdir.write_results(directory, cells, config.study.seeds, total, phases)
 
 

@@ -206,16 +206,19 @@ def _merge_cell(directory: str, cell: config_lib.Cell, sources: list[str], model
 
 def _phases(worker_phases: list[dict], before_workers: float, total: float) -> dict:
   """The run's phases: start-up until the workers started plus theirs, the longest worker's
-  compile, training and evaluation, and the programs every worker compiled."""
+  compile (and its programs'), training and evaluation, and the programs every worker
+  compiled."""
 
   def longest(key):
     return max(p.get(key, 0.0) for p in worker_phases)
 
+  slowest = max(worker_phases, key=lambda p: p.get("compile", 0.0))
   return dict(
     startup=before_workers + longest("startup"),
     compile=longest("compile"),
     programs_compiled=sum(p.get("programs_compiled", 0) for p in worker_phases),
     compilation_cache_hits=sum(p.get("compilation_cache_hits", 0) for p in worker_phases),
+    compile_programs=slowest.get("compile_programs", []),  # The worker that compiled longest.
     train=longest("train"),
     evaluate=longest("evaluate"),
     workers=len(worker_phases),

@@ -72,6 +72,37 @@ def test_phases_in_one_line_name_the_worker_processes():
   assert "worker" not in report.format_phases(dict(phases, workers=1))
 
 
+def test_compile_seconds_per_program_in_one_line_and_a_table():
+  def record(cells, program, trace, lower, backend, hit=False):
+    seconds = trace + lower + backend
+    return dict(cells=cells, program=program, trace=trace, lower=lower, backend=backend,
+                cache_hit=hit, seconds=seconds)  # fmt: skip
+
+  phases = dict(
+    compile_programs=[
+      record("a", "train", 0.2, 0.1, 2.3),
+      record("a", "evaluate", 0.3, 0.2, 2.2),
+      record("", "rows", 0.001, 0.002, 0.01, hit=True),
+      record("b (+1 more)", "train", 0.1, 0.1, 0.2, hit=True),
+      record("", "_collapse_timing", 0.001, 0.002, 0.02),
+    ]
+  )
+  line = report.format_compiles(phases)
+  assert line == "compile per program: train 2.6 + 0.4 s, evaluate 2.7 s, 2 more 0.0 s"
+  table = report.compile_table(phases).splitlines()
+  assert len(table) == 2 + 3 + 1  # Header, rule, the three major programs, the rest.
+  assert table[4] == "| `b (+1 more)` | `train` | 0.10 | 0.10 | 0.20 | yes |"
+  assert table[5] == "| - | 2 more | 0.00 | 0.00 | 0.03 | 1 of 2 |"
+  assert report.format_compiles({}) == ""
+
+
+def test_the_note_tables_the_last_runs_compilation(blog_workdir):
+  directory, _ = blog_workdir
+  note = open(os.path.join(directory, "report.md"), encoding="utf-8").read()
+  assert "Compilation in the last run, per program" in note
+  assert "| `evaluate` |" in note and "| `train` |" in note
+
+
 def test_a_study_tiled_to_2560_seeds_keeps_its_rates_with_narrower_intervals(
   blog_workdir, tmp_path
 ):

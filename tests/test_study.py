@@ -7,6 +7,7 @@ import pathlib
 import re
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,6 +77,50 @@ def test_seed_chunks_give_identical_results(tmp_path):
   assert_same_results(load_per_seed(tmp_path / "whole"), load_per_seed(tmp_path / "chunked"))
 
 
+def test_phases_time_every_program_compiled_with_its_cells(blog_workdir):
+  directory, rows = blog_workdir
+  phases = json.loads((pathlib.Path(directory) / "results.json").read_text())["phases"]
+  records = phases["compile_programs"]
+  assert len(records) == phases["programs_compiled"] > 0
+  assert sum(r["cache_hit"] for r in records) == phases["compilation_cache_hits"]
+  assert sum(r["seconds"] for r in records) <= phases["compile"] + 1e-3
+  for r in records:
+    assert r["seconds"] == pytest.approx(r["trace"] + r["lower"] + r["backend"], abs=1e-3)
+  # The blog's two groups (scenario 1; scenarios 2 and 3) each compiled the study's programs.
+  groups = [f"{rows[0].cell}", f"{rows[1].cell} (+1 more)"]
+  named = [(r["cells"], r["program"]) for r in records if r["cells"]]
+  for group in groups:
+    for program in ("init", "train", "evaluate", "dynamics"):
+      assert (group, program) in named, (group, program, named)
+
+
+def test_compile_clock_names_each_program_and_its_cache_hit():
+  clock = study._CompileClock()
+  jax.monitoring.register_event_duration_secs_listener(clock.on_duration)
+  jax.monitoring.register_event_listener(clock.on_event)
+  token = float(np.random.default_rng().integers(1 << 30))  # A program no cache holds yet.
+
+  def compile_once():  # A new function each time: traced, lowered and compiled again.
+    def scaled(x):
+      return x * token
+
+    return jax.jit(programs.named(scaled, "scaled"))(jnp.ones(3)).block_until_ready()
+
+  try:
+    mark = clock.mark()
+    with clock.group("a cell"):
+      compile_once()
+    compile_once()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(clock.on_duration)
+    jax.monitoring.unregister_event_listener(clock.on_event)
+  phases = clock.since(mark)
+  scaled = [r for r in phases["compile_programs"] if r["program"] == "scaled"]
+  assert [(r["cells"], r["cache_hit"]) for r in scaled] == [("a cell", False), ("", True)]
+  assert phases["programs_compiled"] == len(phases["compile_programs"])
+  assert phases["compile"] + 1e-3 >= sum(r["seconds"] for r in phases["compile_programs"]) > 0
+
+
 def test_resume_skips_finished_cells(tmp_path, caplog):
   config = tiny_config()
   config.study.scenarios = [dict(name="a"), dict(name="b", train=dict(learning_rate=0.01))]
@@ -91,6 +136,9 @@ def test_resume_skips_finished_cells(tmp_path, caplog):
   assert_same_results(first, load_per_seed(workdir))
   study.run_study(config, workdir, overwrite=True)
   assert os.path.getmtime(tmp_path / "cells" / "a.npz") > stamp
+  # A rerun compiles nothing: every program comes from the persistent compilation cache.
+  phases = json.loads((tmp_path / "results.json").read_text())["phases"]
+  assert phases["compilation_cache_hits"] == phases["programs_compiled"] > 0
 
 
 def test_diverged_seeds_are_counted_and_excluded(tmp_path):

@@ -88,6 +88,7 @@ def test_two_workers_give_one_process_results_models_and_reevaluation(tmp_path):
   assert not (tmp_path / "two" / "workers").exists()  # Merged, then removed.
   phases = json.loads((tmp_path / "two" / "results.json").read_text())["phases"]
   assert phases["workers"] == 2 and phases["train"] > 0
+  assert {"init", "train", "evaluate"} <= {r["program"] for r in phases["compile_programs"]}
   # The merged models: study seeds 13-15 (offset 10) were the second worker's.
   chunks = [(f, last) for f, last, _ in workdir.models_of(str(tmp_path / "two"), "b")]
   assert chunks == [(10, 12), (13, 15)]
