@@ -215,7 +215,10 @@ def main(argv):
     elif count > 1:
       rows = workers.run_study(config, FLAGS.workdir, FLAGS.overwrite, count, sys.argv, STARTED)
     else:
-      rows = study.run_study(config, FLAGS.workdir, FLAGS.overwrite, started=STARTED)
+      first_group = worker.index if worker is not None else 0  # Workers: different programs.
+      rows = study.run_study(
+        config, FLAGS.workdir, FLAGS.overwrite, started=STARTED, first_group=first_group
+      )
     if worker is not None:
       return  # The parent merges and reports.
     if not hosts.is_writer():

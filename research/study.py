@@ -652,17 +652,26 @@ class _Progress:
 
 
 def run_study(
-  config, directory: str, overwrite: bool = False, started: float | None = None
+  config,
+  directory: str,
+  overwrite: bool = False,
+  started: float | None = None,
+  first_group: int = 0,
 ) -> list[results.Row]:
   """Runs every unfinished cell of `config` into `directory`; returns the results rows.
 
   The workdir is locked while the study runs. started: when the process began (time.time()),
-  for the start-up phase; default now.
+  for the start-up phase; default now. first_group: the group to run first, then the others
+  in turn: run.py --workers' worker k starts at group k, so that with an empty compilation
+  cache the workers compile different programs first and then load each other's from the
+  cache, rather than all compile the same ones at once.
   """
   start = started or time.time()
   cells = config_lib.expand_cells(config)
   check_processes(config)
   groups = group_cells(cells)  # Datasets and prompts now: bad data fails before any training.
+  turn = first_group % len(groups)
+  groups = groups[turn:] + groups[:turn]
   opened = hosts.on_writer(
     lambda: workdir.open_for_study(directory, config, overwrite, corpora(cells)), _REFUSALS
   )

@@ -121,6 +121,20 @@ def test_compile_clock_names_each_program_and_its_cache_hit():
   assert phases["compile"] + 1e-3 >= sum(r["seconds"] for r in phases["compile_programs"]) > 0
 
 
+def test_a_study_started_at_another_group_gives_the_same_results(tmp_path):
+  """run.py --workers' worker k starts at group k; only the order of the work changes."""
+  config = tiny_config()
+  config.study.scenarios = [dict(name="a"), dict(name="b", model=dict(hidden=8))]  # 2 groups.
+  order = {}
+  for first in (0, 1, 2):
+    rows = study.run_study(config, str(tmp_path / str(first)), first_group=first)
+    assert [r.label for r in rows] == ["a", "b"]  # Results in config order.
+    phases = json.loads((tmp_path / str(first) / "results.json").read_text())["phases"]
+    order[first] = [r["cells"] for r in phases["compile_programs"] if r["program"] == "train"]
+  assert order == {0: ["a", "b"], 1: ["b", "a"], 2: ["a", "b"]}
+  assert_same_results(load_per_seed(tmp_path / "0"), load_per_seed(tmp_path / "1"))
+
+
 def test_resume_skips_finished_cells(tmp_path, caplog):
   config = tiny_config()
   config.study.scenarios = [dict(name="a"), dict(name="b", train=dict(learning_rate=0.01))]
