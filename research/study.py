@@ -5,8 +5,10 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -390,6 +392,57 @@ def eval_epochs(config) -> list[int]:
   return sorted(set(range(0, epochs, every)) | {epochs})
 
 
+def epoch_bounds(config) -> list[int]:
+  """The epochs at which a chunk's compiled training calls end: every study.epochs_per_call
+  epochs, at the evaluation points, and at the end."""
+  epochs, per_call = config.train.epochs, config.study.epochs_per_call
+  return sorted(set(range(0, epochs, per_call)) | set(eval_epochs(config)) | {epochs})
+
+
+AHEAD_THREAD = "compile-ahead"
+
+
+def _cold(group: Group) -> bool:
+  """Whether XLA compiled the group's init program in this run (not loaded from the cache)."""
+  init = [r for r in _CLOCK.programs[-8:] if r.program == "init" and r.cells == group.label]
+  return bool(init) and not init[-1].cache_hit
+
+
+def _compile_ahead(group: Group, state, eval_seeds: int) -> threading.Thread | None:
+  """Compiles the group's training calls and final evaluation in a background thread while
+  the main thread compiles and runs the dynamics at epoch 0. XLA's compile releases Python's
+  lock, so the two overlap; the main thread's calls then find the programs compiled in
+  memory (or, if they come first, compile them too: the same programs). Only when the init
+  program was compiled, not loaded from the cache (a warm run would only trace and lower
+  every program twice), for one process with two cores or more."""
+  if not _cold(group) or jax.process_count() > 1:
+    return None
+  if len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else [0, 1]) < 2:
+    return None  # One core (a --workers worker on 2): the two compiles would take turns.
+  size = jax.tree_util.tree_leaves(state)[0].shape[0]
+  abstract = jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )  # Not the arrays: training donates them while this thread still lowers.
+  bounds = epoch_bounds(group.config)
+  calls = list(dict.fromkeys(b - a for a, b in itertools.pairwise(bounds)))
+  jobs = [group.programs.epochs_program(n) for n in calls]
+  if eval_seeds >= size:  # Else evaluation runs on parts of the state, shaped otherwise.
+    jobs.append(group.programs.evaluate)
+
+  def run():
+    with _CLOCK.group(f"{group.label}, ahead"):
+      for program in jobs:
+        try:
+          program.lower(abstract).compile()
+        except Exception as e:  # noqa: BLE001  # Only time is lost: the call compiles it.
+          logging.info("compiling ahead failed (%s: %s)", type(e).__name__, e)
+          return
+
+  thread = threading.Thread(target=run, daemon=True, name=AHEAD_THREAD)
+  thread.start()
+  return thread
+
+
 @dataclasses.dataclass
 class _Trained:
   """One chunk after training: the state, its losses and its curves (host arrays)."""
@@ -414,9 +467,9 @@ def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, 
   every study.checkpoint_seconds.
   """
   config = group.config
-  epochs, per_call = config.train.epochs, config.study.epochs_per_call
+  epochs = config.train.epochs
   points = eval_epochs(config)
-  bounds = sorted(set(range(0, epochs, per_call)) | set(points) | {epochs})
+  bounds = epoch_bounds(config)
   t0 = last_save = time.time()
   losses, epoch, train_s, eval_s = [], 0, 0.0, 0.0
   curves = {f.name: [] for f in dataclasses.fields(evaluate_lib.Dynamics)}
@@ -550,6 +603,7 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       if hosts.is_writer():
         workdir.write_cell(directory, cells[i], meta, buffer.arrays())
 
+  ahead = None  # The compile-ahead thread, once the first chunk's state exists.
   for start in starts:
     rows = chunk_rows(start)
     if not any(i in buffers for i in np.unique(cell_of[rows])):
@@ -569,6 +623,8 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       _to_global(lr_of[padded], sharding),
       _to_global(dropout_of[padded], sharding),
     )
+    if ahead is None:
+      ahead = _compile_ahead(group, state, the_plan.eval_seeds) or False
     resume = None
     if record and record["signature"] == sig:
       resume = workdir.restore_checkpoint(directory, record, state, len(rows), sharding)
@@ -604,8 +660,24 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
           directory, group_sig, sig, cells[i].name, part, dataclasses.asdict(timing)
         )
       add(i, mine, part, timing)
+  if ahead:
+    ahead.join()  # Compiles for this group only: the next group's programs get the cores.
   if hosts.is_writer():
     workdir.clear_checkpoints(directory, group_sig)
+
+
+@contextlib.contextmanager
+def _joins_compiles_ahead():
+  """Waits for a compile-ahead thread when the study stops on an error: Python exiting while
+  XLA compiles in another thread can crash the interpreter (run.py leaves at once, without
+  finalising, on Ctrl-C)."""
+  try:
+    yield
+  except Exception:
+    for thread in threading.enumerate():
+      if thread.name == AHEAD_THREAD:
+        thread.join()
+    raise
 
 
 class _Progress:
@@ -704,7 +776,7 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
         logging.info("skipping %s: already finished in %s", cell.name, directory)
         progress.cell_done(cell.name)
     if any(c.name not in done for c in group.cells):
-      with _CLOCK.group(group.label):
+      with _CLOCK.group(group.label), _joins_compiles_ahead():
         _run_group(group, done, directory, budget, progress)
   if not writer:
     return []  # Process 0 writes the results.

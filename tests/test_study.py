@@ -135,6 +135,36 @@ def test_a_study_started_at_another_group_gives_the_same_results(tmp_path):
   assert_same_results(load_per_seed(tmp_path / "0"), load_per_seed(tmp_path / "1"))
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="compiles ahead on 2+ cores")
+def test_programs_compiled_ahead_give_the_same_results(tmp_path, monkeypatch):
+  config = tiny_config()
+  runs = {}
+  for ahead in (False, True):
+    monkeypatch.setattr(study, "_cold", lambda group, ahead=ahead: ahead)
+    study.run_study(config, str(tmp_path / str(ahead)))
+    phases = json.loads((tmp_path / str(ahead) / "results.json").read_text())["phases"]
+    runs[ahead] = [(r["cells"], r["program"]) for r in phases["compile_programs"]]
+  # Ahead, a background thread compiled the training calls and the final evaluation; the
+  # main thread's calls then found them compiled.
+  ahead = [program for cells, program in runs[True] if cells == "default, ahead"]
+  assert sorted(ahead) == ["evaluate", "train"], runs[True]  # tiny: 1-epoch calls only.
+  assert ("default", "evaluate") in runs[False] and ("default", "evaluate") not in runs[True]
+  assert_same_results(load_per_seed(tmp_path / "False"), load_per_seed(tmp_path / "True"))
+
+
+def test_a_group_is_cold_when_its_init_program_was_compiled():
+  group = study.group_cells(config_lib.expand_cells(tiny_config()))[0]
+  before = list(study._CLOCK.programs)
+  try:
+    assert not study._cold(group)  # No init program of it yet.
+    study._CLOCK.programs.append(study.ProgramCompile("init", group.label, cache_hit=True))
+    assert not study._cold(group)
+    study._CLOCK.programs.append(study.ProgramCompile("init", group.label, cache_hit=False))
+    assert study._cold(group)
+  finally:
+    study._CLOCK.programs[:] = before
+
+
 def test_resume_skips_finished_cells(tmp_path, caplog):
   config = tiny_config()
   config.study.scenarios = [dict(name="a"), dict(name="b", train=dict(learning_rate=0.01))]
