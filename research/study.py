@@ -408,39 +408,73 @@ def _cold(group: Group) -> bool:
   return bool(init) and not init[-1].cache_hit
 
 
-def _compile_ahead(group: Group, state, eval_seeds: int) -> threading.Thread | None:
-  """Compiles the group's training calls and final evaluation in a background thread while
-  the main thread compiles and runs the dynamics at epoch 0. XLA's compile releases Python's
-  lock, so the two overlap; the main thread's calls then find the programs compiled in
-  memory (or, if they come first, compile them too: the same programs). Only when the init
-  program was compiled, not loaded from the cache (a warm run would only trace and lower
-  every program twice), for one process with two cores or more."""
-  if not _cold(group) or jax.process_count() > 1:
-    return None
+def _compile_ahead(
+  group: Group, state, eval_seeds: int, later: list[Group], budget: int
+) -> threading.Thread | None:
+  """Compiles, in a background thread, the group's training calls and final evaluation while
+  the main thread compiles and runs the dynamics at epoch 0, then every program of the later
+  groups while this one trains. XLA's compile releases Python's lock, so the compiles overlap
+  the main thread's work; its calls then find the programs compiled in memory (or, if they
+  come first, compile them too: the same programs). Only when the init program was compiled,
+  not loaded from the cache (a warm run would only trace and lower every program twice), for
+  one process with two cores or more."""
+  if not _cold(group) or jax.process_count() > 1 or _ahead_threads():
+    return None  # Warm; several processes; or a thread already compiles ahead.
   if len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else [0, 1]) < 2:
-    return None  # One core (a --workers worker on 2): the two compiles would take turns.
-  size = jax.tree_util.tree_leaves(state)[0].shape[0]
-  abstract = jax.tree_util.tree_map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-  )  # Not the arrays: training donates them while this thread still lowers.
-  bounds = epoch_bounds(group.config)
-  calls = list(dict.fromkeys(b - a for a, b in itertools.pairwise(bounds)))
-  jobs = [group.programs.epochs_program(n) for n in calls]
-  if eval_seeds >= size:  # Else evaluation runs on parts of the state, shaped otherwise.
-    jobs.append(group.programs.evaluate)
+    return None  # One core (a --workers worker on 2): the compiles would take turns.
+  # Not the arrays: training donates them while this thread still lowers.
+  abstract = jax.tree_util.tree_map(_abstract, state, _shardings(state))
+  float_dtype = jnp.zeros(()).dtype  # Read here: x64 is a thread-local setting too.
 
   def run():
-    with _CLOCK.group(f"{group.label}, ahead"):
-      for program in jobs:
-        try:
-          program.lower(abstract).compile()
-        except Exception as e:  # noqa: BLE001  # Only time is lost: the call compiles it.
-          logging.info("compiling ahead failed (%s: %s)", type(e).__name__, e)
-          return
+    try:
+      with _CLOCK.group(f"{group.label}, ahead"):
+        _compile_group(group, abstract, eval_seeds, with_dynamics=False)
+      for next_group in later:
+        with _CLOCK.group(f"{next_group.label}, ahead"):
+          _compile_later(next_group, budget, float_dtype)
+    except Exception as e:  # noqa: BLE001  # Only time is lost: the calls compile them.
+      logging.info("compiling ahead stopped (%s: %s)", type(e).__name__, e)
 
   thread = threading.Thread(target=run, daemon=True, name=AHEAD_THREAD)
   thread.start()
   return thread
+
+
+def _abstract(x, sharding):
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _shardings(state):
+  return jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+
+def _compile_later(group: Group, budget: int, float_dtype) -> None:
+  """Compiles every program of a group that has not started, for its first chunk's shapes."""
+  the_plan = plan(group, len(group.cells) * group.config.study.seeds, budget)
+  sharding = NamedSharding(programs.mesh(), P("seeds"))
+  chunk = the_plan.train_seeds
+  inputs = [
+    jax.ShapeDtypeStruct((chunk,), dtype, sharding=sharding)
+    for dtype in (np.uint32, float_dtype, float_dtype)  # _run_group's seeds, lr, dropout.
+  ]
+  init = group.programs.init.lower(*inputs).compile()
+  shapes = jax.eval_shape(group.programs.init, *inputs)
+  state = jax.tree_util.tree_map(_abstract, shapes, init.output_shardings)
+  _compile_group(group, state, the_plan.eval_seeds, with_dynamics=True)
+
+
+def _compile_group(group: Group, state, eval_seeds: int, with_dynamics: bool) -> None:
+  """Compiles the programs a chunk of `state`'s shape calls, in the order it calls them."""
+  bounds = epoch_bounds(group.config)
+  calls = list(dict.fromkeys(b - a for a, b in itertools.pairwise(bounds)))
+  size = jax.tree_util.tree_leaves(state)[0].shape[0]
+  whole = eval_seeds >= size  # Else evaluation runs on parts of the state, shaped otherwise.
+  jobs = [group.programs.dynamics] if with_dynamics and whole else []
+  jobs += [group.programs.epochs_program(n) for n in calls]
+  jobs += [group.programs.evaluate] if whole else []
+  for program in jobs:
+    program.lower(state).compile()
 
 
 @dataclasses.dataclass
@@ -522,7 +556,9 @@ def _last_point(evaluation, greedy: str) -> dict:
   )
 
 
-def _run_group(group: Group, done: set, directory: str, budget: int, progress) -> None:
+def _run_group(
+  group: Group, done: set, directory: str, budget: int, progress, later: list[Group] = ()
+) -> None:
   """Trains and evaluates the group's unfinished cells, writing each cell when its seeds are in.
 
   Rows are (cell, seed) over all the group's cells, so chunk boundaries, and with them the
@@ -624,7 +660,7 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
       _to_global(dropout_of[padded], sharding),
     )
     if ahead is None:
-      ahead = _compile_ahead(group, state, the_plan.eval_seeds) or False
+      ahead = _compile_ahead(group, state, the_plan.eval_seeds, later, budget) or False
     resume = None
     if record and record["signature"] == sig:
       resume = workdir.restore_checkpoint(directory, record, state, len(rows), sharding)
@@ -660,24 +696,27 @@ def _run_group(group: Group, done: set, directory: str, budget: int, progress) -
           directory, group_sig, sig, cells[i].name, part, dataclasses.asdict(timing)
         )
       add(i, mine, part, timing)
-  if ahead:
-    ahead.join()  # Compiles for this group only: the next group's programs get the cores.
   if hosts.is_writer():
     workdir.clear_checkpoints(directory, group_sig)
 
 
+def _ahead_threads() -> list[threading.Thread]:
+  return [t for t in threading.enumerate() if t.name == AHEAD_THREAD and t.is_alive()]
+
+
 @contextlib.contextmanager
 def _joins_compiles_ahead():
-  """Waits for a compile-ahead thread when the study stops on an error: Python exiting while
-  XLA compiles in another thread can crash the interpreter (run.py leaves at once, without
-  finalising, on Ctrl-C)."""
+  """Waits for the compile-ahead thread when the study ends or stops on an error: Python
+  exiting while XLA compiles in another thread can crash the interpreter (on Ctrl-C run.py
+  leaves at once, without finalising)."""
   try:
     yield
   except Exception:
-    for thread in threading.enumerate():
-      if thread.name == AHEAD_THREAD:
-        thread.join()
+    for thread in _ahead_threads():
+      thread.join()
     raise
+  for thread in _ahead_threads():
+    thread.join()
 
 
 class _Progress:
@@ -770,14 +809,17 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
   seed_epochs = sum(c.config.train.epochs for c in pending) * config.study.seeds
   progress = _Progress(len(cells), seed_epochs)
   budget = budget_bytes(config)
-  for group in groups:
-    for cell in group.cells:
-      if cell.name in done:
-        logging.info("skipping %s: already finished in %s", cell.name, directory)
-        progress.cell_done(cell.name)
-    if any(c.name not in done for c in group.cells):
-      with _CLOCK.group(group.label), _joins_compiles_ahead():
-        _run_group(group, done, directory, budget, progress)
+  pending = [g for g in groups if any(c.name not in done for c in g.cells)]
+  with _joins_compiles_ahead():
+    for group in groups:
+      for cell in group.cells:
+        if cell.name in done:
+          logging.info("skipping %s: already finished in %s", cell.name, directory)
+          progress.cell_done(cell.name)
+      if group in pending:
+        later = pending[pending.index(group) + 1 :]  # Compiled ahead in a cold run.
+        with _CLOCK.group(group.label):
+          _run_group(group, done, directory, budget, progress, later)
   if not writer:
     return []  # Process 0 writes the results.
   return workdir.write_results(

@@ -152,6 +152,21 @@ def test_programs_compiled_ahead_give_the_same_results(tmp_path, monkeypatch):
   assert_same_results(load_per_seed(tmp_path / "False"), load_per_seed(tmp_path / "True"))
 
 
+def test_programs_compiled_ahead_for_a_group_not_started_serve_its_calls(tmp_path, monkeypatch):
+  """What the compile-ahead thread does for the later groups: from shapes alone, the very
+  programs the study then calls (else it would only waste time)."""
+  config = tiny_config()
+  study.run_study(config, str(tmp_path / "plain"))
+  groups = study.group_cells(config_lib.expand_cells(config))
+  study._compile_later(groups[0], study.budget_bytes(config), jnp.zeros(()).dtype)
+  monkeypatch.setattr(study, "group_cells", lambda cells: groups)
+  study.run_study(config, str(tmp_path / "ahead"))
+  phases = json.loads((tmp_path / "ahead" / "results.json").read_text())["phases"]
+  compiled = {r["program"] for r in phases["compile_programs"]}
+  assert not compiled & {"init", "dynamics", "train", "evaluate"}, compiled  # All found.
+  assert_same_results(load_per_seed(tmp_path / "plain"), load_per_seed(tmp_path / "ahead"))
+
+
 def test_a_group_is_cold_when_its_init_program_was_compiled():
   group = study.group_cells(config_lib.expand_cells(tiny_config()))[0]
   before = list(study._CLOCK.programs)
