@@ -402,14 +402,15 @@ def epoch_bounds(config) -> list[int]:
 AHEAD_THREAD = "compile-ahead"
 
 
-def _cold(group: Group) -> bool:
-  """Whether XLA compiled the group's init program in this run (not loaded from the cache)."""
-  init = [r for r in _CLOCK.programs[-8:] if r.program == "init" and r.cells == group.label]
-  return bool(init) and not init[-1].cache_hit
+def _cold(group: Group, since: int) -> bool:
+  """Whether XLA compiled the group's init program (not loaded it from the cache) after the
+  clock's first `since` records."""
+  records = _CLOCK.programs[since:]
+  return any(r.program == "init" and r.cells == group.label and not r.cache_hit for r in records)
 
 
 def _compile_ahead(
-  group: Group, state, eval_seeds: int, later: list[Group], budget: int
+  group: Group, state, eval_seeds: int, later: list[Group], budget: int, since: int
 ) -> threading.Thread | None:
   """Compiles, in a background thread, the group's training calls and final evaluation while
   the main thread compiles and runs the dynamics at epoch 0, then every program of the later
@@ -417,8 +418,8 @@ def _compile_ahead(
   the main thread's work; its calls then find the programs compiled in memory (or, if they
   come first, compile them too: the same programs). Only when the init program was compiled,
   not loaded from the cache (a warm run would only trace and lower every program twice), for
-  one process with two cores or more."""
-  if not _cold(group) or jax.process_count() > 1 or _ahead_threads():
+  one process with two cores or more. since: the compile clock's records before init's call."""
+  if not _cold(group, since) or jax.process_count() > 1 or _ahead_threads():
     return None  # Warm; several processes; or a thread already compiles ahead.
   if len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else [0, 1]) < 2:
     return None  # One core (a --workers worker on 2): the compiles would take turns.
@@ -654,13 +655,15 @@ def _run_group(
       continue
     padded = np.concatenate([rows, np.full(chunk - len(rows), rows[-1])])
     t0 = time.time()
+    before_init = len(_CLOCK.programs)
     state = group.programs.init(
       _to_global(seed_of[padded], sharding),
       _to_global(lr_of[padded], sharding),
       _to_global(dropout_of[padded], sharding),
     )
     if ahead is None:
-      ahead = _compile_ahead(group, state, the_plan.eval_seeds, later, budget) or False
+      ahead = _compile_ahead(group, state, the_plan.eval_seeds, later, budget, before_init)
+      ahead = ahead or False  # Decided once a group.
     resume = None
     if record and record["signature"] == sig:
       resume = workdir.restore_checkpoint(directory, record, state, len(rows), sharding)

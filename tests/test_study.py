@@ -140,7 +140,7 @@ def test_programs_compiled_ahead_give_the_same_results(tmp_path, monkeypatch):
   config = tiny_config()
   runs = {}
   for ahead in (False, True):
-    monkeypatch.setattr(study, "_cold", lambda group, ahead=ahead: ahead)
+    monkeypatch.setattr(study, "_cold", lambda group, since, ahead=ahead: ahead)
     study.run_study(config, str(tmp_path / str(ahead)))
     phases = json.loads((tmp_path / str(ahead) / "results.json").read_text())["phases"]
     runs[ahead] = [(r["cells"], r["program"]) for r in phases["compile_programs"]]
@@ -171,11 +171,17 @@ def test_a_group_is_cold_when_its_init_program_was_compiled():
   group = study.group_cells(config_lib.expand_cells(tiny_config()))[0]
   before = list(study._CLOCK.programs)
   try:
-    assert not study._cold(group)  # No init program of it yet.
+    since = len(before)
+    assert not study._cold(group, since)  # No init program of it yet.
     study._CLOCK.programs.append(study.ProgramCompile("init", group.label, cache_hit=True))
-    assert not study._cold(group)
+    assert not study._cold(group, since)
+    study._CLOCK.programs.append(study.ProgramCompile("train", group.label, cache_hit=False))
+    assert not study._cold(group, since)
+    study._CLOCK.programs.append(study.ProgramCompile("init", "other cells", cache_hit=False))
+    assert not study._cold(group, since)
     study._CLOCK.programs.append(study.ProgramCompile("init", group.label, cache_hit=False))
-    assert study._cold(group)
+    assert study._cold(group, since)
+    assert not study._cold(group, len(study._CLOCK.programs))  # Only records after `since`.
   finally:
     study._CLOCK.programs[:] = before
 
