@@ -400,6 +400,16 @@ def epoch_bounds(config) -> list[int]:
 
 
 AHEAD_THREAD = "compile-ahead"
+# Group label -> set once the compile-ahead thread is done with the group's programs. The main
+# thread waits for it rather than compile the same program at the same time (twice the work).
+_READY: dict[str, threading.Event] = {}
+
+
+def _wait_ahead(group: "Group") -> None:
+  """Waits until the compile-ahead thread, if it has the group's programs, is done with them."""
+  ready = _READY.get(group.label)
+  if ready is not None:
+    ready.wait()
 
 
 def _cold(group: Group, since: int) -> bool:
@@ -415,10 +425,12 @@ def _compile_ahead(
   """Compiles, in a background thread, the group's training calls and final evaluation while
   the main thread compiles and runs the dynamics at epoch 0, then every program of the later
   groups while this one trains. XLA's compile releases Python's lock, so the compiles overlap
-  the main thread's work; its calls then find the programs compiled in memory (or, if they
-  come first, compile them too: the same programs). Only when the init program was compiled,
-  not loaded from the cache (a warm run would only trace and lower every program twice), for
-  one process with two cores or more. since: the compile clock's records before init's call."""
+  the main thread's work; its calls then find the programs compiled in memory. Where it gets
+  to a group's programs first (its first training call; a later group's start), the main
+  thread waits for the thread (_wait_ahead) rather than compile them at the same time. Only
+  when the init program was compiled, not loaded from the cache (a warm run would only trace
+  and lower every program twice), for one process with two cores or more. since: the compile
+  clock's records before init's call."""
   if not _cold(group, since) or jax.process_count() > 1 or _ahead_threads():
     return None  # Warm; several processes; or a thread already compiles ahead.
   if len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else [0, 1]) < 2:
@@ -426,16 +438,23 @@ def _compile_ahead(
   # Not the arrays: training donates them while this thread still lowers.
   abstract = jax.tree_util.tree_map(_abstract, state, _shardings(state))
   float_dtype = jnp.zeros(()).dtype  # Read here: x64 is a thread-local setting too.
+  ready = {g.label: threading.Event() for g in (group, *later)}
+  _READY.update(ready)
 
   def run():
     try:
       with _CLOCK.group(f"{group.label}, ahead"):
         _compile_group(group, abstract, eval_seeds, with_dynamics=False)
+      ready[group.label].set()
       for next_group in later:
         with _CLOCK.group(f"{next_group.label}, ahead"):
           _compile_later(next_group, budget, float_dtype)
+        ready[next_group.label].set()
     except Exception as e:  # noqa: BLE001  # Only time is lost: the calls compile them.
       logging.info("compiling ahead stopped (%s: %s)", type(e).__name__, e)
+    finally:
+      for event in ready.values():
+        event.set()  # Nothing more comes: the main thread compiles the rest.
 
   thread = threading.Thread(target=run, daemon=True, name=AHEAD_THREAD)
   thread.start()
@@ -514,6 +533,7 @@ def _train_chunk(group: Group, state, rows: int, resume, save, eval_seeds: int, 
     curves = {k: list(v.T) for k, v in saved.items()}
   for bound in bounds:
     if bound > epoch:
+      _wait_ahead(group)  # Its training calls may be compiling ahead (a cold run).
       t = time.time()
       state, loss_SxE = group.programs.run_epochs(state, bound - epoch)
       jax.block_until_ready(loss_SxE)
@@ -566,6 +586,7 @@ def _run_group(
   mid-cell checkpoints, do not depend on which cells an earlier run finished; a chunk whose
   cells are all finished is skipped.
   """
+  _wait_ahead(group)  # A later group's programs may be compiling ahead (a cold run).
   config, cells = group.config, group.cells
   seeds = config.study.seeds
   float_dtype = jnp.zeros(()).dtype
@@ -718,6 +739,8 @@ def _joins_compiles_ahead():
     for thread in _ahead_threads():
       thread.join()
     raise
+  finally:
+    _READY.clear()
   for thread in _ahead_threads():
     thread.join()
 
