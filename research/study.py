@@ -400,6 +400,16 @@ def epoch_bounds(config) -> list[int]:
 
 
 AHEAD_THREAD = "compile-ahead"
+# Below this many cores the compile thread and the main thread mostly take turns: on the
+# 2-core VM it won 5-10% of a one-process blog study cold, but slowed the cold test suite.
+AHEAD_MIN_CORES = 4
+
+
+def _cores() -> int:
+  """The cores this process may run on (a --workers worker is pinned to its share)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 # Group label -> set once the compile-ahead thread is done with the group's programs. The main
 # thread waits for it rather than compile the same program at the same time (twice the work).
 _READY: dict[str, threading.Event] = {}
@@ -429,12 +439,12 @@ def _compile_ahead(
   to a group's programs first (its first training call; a later group's start), the main
   thread waits for the thread (_wait_ahead) rather than compile them at the same time. Only
   when the init program was compiled, not loaded from the cache (a warm run would only trace
-  and lower every program twice), for one process with two cores or more. since: the compile
-  clock's records before init's call."""
+  and lower every program twice), for one process with AHEAD_MIN_CORES cores or more. since:
+  the compile clock's records before init's call."""
   if not _cold(group, since) or jax.process_count() > 1 or _ahead_threads():
     return None  # Warm; several processes; or a thread already compiles ahead.
-  if len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else [0, 1]) < 2:
-    return None  # One core (a --workers worker on 2): the compiles would take turns.
+  if _cores() < AHEAD_MIN_CORES:
+    return None
   # Not the arrays: training donates them while this thread still lowers.
   abstract = jax.tree_util.tree_map(_abstract, state, _shardings(state))
   float_dtype = jnp.zeros(()).dtype  # Read here: x64 is a thread-local setting too.

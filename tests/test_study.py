@@ -139,13 +139,13 @@ def test_a_study_started_at_another_group_gives_the_same_results(tmp_path, monke
   assert_same_results(load_per_seed(tmp_path / "0"), load_per_seed(tmp_path / "1"))
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="compiles ahead on 2+ cores")
 def test_programs_compiled_ahead_give_the_same_results(tmp_path, monkeypatch):
   config = tiny_config()
+  monkeypatch.setattr(study, "_cores", lambda: study.AHEAD_MIN_CORES)  # CI has 2.
   compile_group = study._compile_group
 
   def slow_compile_group(*args, **kwargs):  # Slower than the main thread's first steps.
-    time.sleep(2.0)
+    time.sleep(1.0)
     compile_group(*args, **kwargs)
 
   monkeypatch.setattr(study, "_compile_group", slow_compile_group)
@@ -161,6 +161,11 @@ def test_programs_compiled_ahead_give_the_same_results(tmp_path, monkeypatch):
   assert sorted(ahead) == ["evaluate", "train"], runs[True]  # tiny: 1-epoch calls only.
   assert ("default", "evaluate") in runs[False] and ("default", "evaluate") not in runs[True]
   assert_same_results(load_per_seed(tmp_path / "False"), load_per_seed(tmp_path / "True"))
+  # Below AHEAD_MIN_CORES cores nothing compiles ahead, cold or not.
+  monkeypatch.setattr(study, "_cores", lambda: study.AHEAD_MIN_CORES - 1)
+  study.run_study(config, str(tmp_path / "few_cores"))
+  phases = json.loads((tmp_path / "few_cores" / "results.json").read_text())["phases"]
+  assert not [r for r in phases["compile_programs"] if r["cells"].endswith(", ahead")]
 
 
 def test_programs_compiled_ahead_for_a_group_not_started_serve_its_calls(tmp_path, monkeypatch):
