@@ -265,8 +265,9 @@ def main(argv):
     os._exit(INTERRUPTED)
   print(results.format_table(rows))
   print(f"phases: {report.format_phases(phases)}")
-  if report.format_compiles(phases):
-    print(report.format_compiles(phases))
+  compiles = report.format_compiles(phases)
+  if compiles:
+    print(compiles)
   print(f"results in {FLAGS.workdir}: results.csv, results.json, per_seed.npz, report.md")
   if count == 1 and not FLAGS.distributed:  # Last, after a run that worked.
     hint = workers.one_process_hint(config, jax.default_backend())

@@ -156,6 +156,13 @@ def _program_name(fun_name: str) -> str:
   return match.group(1) if match else fun_name or "?"
 
 
+class _ThreadState(threading.local):
+  """A thread's compiles in progress, whether the cache served its current one, its group."""
+
+  def __init__(self):
+    self.open, self.hit, self.cells = {}, False, ""
+
+
 class _CompileClock:
   """JAX's compile events (tracing, lowering, XLA compile), summed and per program."""
 
@@ -163,17 +170,12 @@ class _CompileClock:
     self.seconds = 0.0  # Every compile event's, a program's tracing without a compile too.
     self.programs: list[ProgramCompile] = []  # In compile order.
     self._lock = threading.Lock()
-    self._thread = threading.local()  # Per thread: its open records, a pending cache hit.
-
-  def _local(self):
-    if not hasattr(self._thread, "open"):
-      self._thread.open, self._thread.hit, self._thread.cells = {}, False, ""
-    return self._thread
+    self._thread = _ThreadState()
 
   @contextlib.contextmanager
   def group(self, cells: str):
     """Records programs compiled inside as the group of `cells`'s."""
-    local = self._local()
+    local = self._thread
     before, local.cells = local.cells, cells
     try:
       yield
@@ -183,11 +185,11 @@ class _CompileClock:
   def on_duration(self, name: str, seconds: float, fun_name: str = "", **_) -> None:
     if not name.startswith("/jax/core/compile/"):
       return
-    local = self._local()
+    local = self._thread
     program = _program_name(fun_name)
     with self._lock:
       self.seconds += seconds
-      record = local.open.setdefault(program, ProgramCompile(program, local.cells))
+      record = local.open.setdefault(program, ProgramCompile(program))
       if name == TRACE_EVENT:
         record.trace += seconds
       elif name == LOWER_EVENT:
@@ -200,11 +202,11 @@ class _CompileClock:
 
   def on_event(self, name: str, **_) -> None:
     if name == CACHE_HIT_EVENT:  # Raised inside the backend compile it served.
-      self._local().hit = True
+      self._thread.hit = True
 
   def mark(self) -> tuple[float, int]:
     """Where a run's compile phase starts (tracing without a compile so far is dropped)."""
-    self._local().open.clear()
+    self._thread.open.clear()
     return self.seconds, len(self.programs)
 
   def since(self, mark: tuple[float, int]) -> dict:
@@ -431,7 +433,7 @@ def _cold(group: Group, since: int) -> bool:
 
 def _compile_ahead(
   group: Group, state, eval_seeds: int, later: list[Group], budget: int, since: int
-) -> threading.Thread | None:
+) -> None:
   """Compiles, in a background thread, the group's training calls and final evaluation while
   the main thread compiles and runs the dynamics at epoch 0, then every program of the later
   groups while this one trains. XLA's compile releases Python's lock, so the compiles overlap
@@ -442,11 +444,11 @@ def _compile_ahead(
   and lower every program twice), for one process with AHEAD_MIN_CORES cores or more. since:
   the compile clock's records before init's call."""
   if not _cold(group, since) or jax.process_count() > 1 or _ahead_threads():
-    return None  # Warm; several processes; or a thread already compiles ahead.
+    return  # Warm; several processes; or a thread already compiles ahead.
   if _cores() < AHEAD_MIN_CORES:
-    return None
+    return
   # Not the arrays: training donates them while this thread still lowers.
-  abstract = jax.tree_util.tree_map(_abstract, state, _shardings(state))
+  abstract = jax.tree_util.tree_map(lambda x: _abstract(x, x.sharding), state)
   float_dtype = jnp.zeros(()).dtype  # Read here: x64 is a thread-local setting too.
   ready = {g.label: threading.Event() for g in (group, *later)}
   _READY.update(ready)
@@ -466,17 +468,11 @@ def _compile_ahead(
       for event in ready.values():
         event.set()  # Nothing more comes: the main thread compiles the rest.
 
-  thread = threading.Thread(target=run, daemon=True, name=AHEAD_THREAD)
-  thread.start()
-  return thread
+  threading.Thread(target=run, daemon=True, name=AHEAD_THREAD).start()
 
 
 def _abstract(x, sharding):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-
-def _shardings(state):
-  return jax.tree_util.tree_map(lambda x: x.sharding, state)
 
 
 def _compile_later(group: Group, budget: int, float_dtype) -> None:
@@ -671,7 +667,7 @@ def _run_group(
       if hosts.is_writer():
         workdir.write_cell(directory, cells[i], meta, buffer.arrays())
 
-  ahead = None  # The compile-ahead thread, once the first chunk's state exists.
+  ahead_decided = False  # Whether to compile ahead: once the first chunk's state exists.
   for start in starts:
     rows = chunk_rows(start)
     if not any(i in buffers for i in np.unique(cell_of[rows])):
@@ -692,9 +688,9 @@ def _run_group(
       _to_global(lr_of[padded], sharding),
       _to_global(dropout_of[padded], sharding),
     )
-    if ahead is None:
-      ahead = _compile_ahead(group, state, the_plan.eval_seeds, later, budget, before_init)
-      ahead = ahead or False  # Decided once a group.
+    if not ahead_decided:
+      _compile_ahead(group, state, the_plan.eval_seeds, later, budget, before_init)
+      ahead_decided = True
     resume = None
     if record and record["signature"] == sig:
       resume = workdir.restore_checkpoint(directory, record, state, len(rows), sharding)
@@ -743,16 +739,16 @@ def _joins_compiles_ahead():
   """Waits for the compile-ahead thread when the study ends or stops on an error: Python
   exiting while XLA compiles in another thread can crash the interpreter (on Ctrl-C run.py
   leaves at once, without finalising)."""
+  interrupted = False
   try:
     yield
-  except Exception:
-    for thread in _ahead_threads():
-      thread.join()
+  except KeyboardInterrupt:
+    interrupted = True
     raise
   finally:
     _READY.clear()
-  for thread in _ahead_threads():
-    thread.join()
+    for thread in [] if interrupted else _ahead_threads():
+      thread.join()
 
 
 class _Progress:
@@ -845,15 +841,15 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
   seed_epochs = sum(c.config.train.epochs for c in pending) * config.study.seeds
   progress = _Progress(len(cells), seed_epochs)
   budget = budget_bytes(config)
-  pending = [g for g in groups if any(c.name not in done for c in g.cells)]
+  pending_groups = [g for g in groups if any(c.name not in done for c in g.cells)]
   with _joins_compiles_ahead():
     for group in groups:
       for cell in group.cells:
         if cell.name in done:
           logging.info("skipping %s: already finished in %s", cell.name, directory)
           progress.cell_done(cell.name)
-      if group in pending:
-        later = pending[pending.index(group) + 1 :]  # Compiled ahead in a cold run.
+      if group in pending_groups:
+        later = pending_groups[pending_groups.index(group) + 1 :]  # Compiled ahead when cold.
         with _CLOCK.group(group.label):
           _run_group(group, done, directory, budget, progress, later)
   if not writer:
