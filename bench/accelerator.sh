@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU (or TPU) machine: the blog study cold and warm, the throughput bench at
-# 1k/8k/32k seeds, the blog study twice more with XLA's deterministic GPU ops (comparing the
+# 1k/8k/32k seeds, the Pallas LSTM kernels (model.impl="pallas") against the fused recurrence:
+# the train step at 32k seeds and the blog study, the blog study twice more with XLA's deterministic GPU ops (comparing the
 # per-seed arrays of each pair), cold with all of JAX's XLA caches, cold with JAX's threefry
 # GPU kernel and cold without XLA's autotuning (three ways to compile faster), the fast test
 # tier, the train step's profile at 32k seeds, the slow test tier, and the full-size runs of
@@ -15,8 +16,9 @@
 # "-n 8" with pytest-xdist (GPU memory is then allocated on demand, not preallocated per
 # process); TIME_BUDGET, seconds for all the steps together (default 3600): each step gets
 # what is left, and a step that ran out shows exit 124 in the table; STEPS, the steps to run, in
-# the order they always run in (default: all of blog_cold blog_warm bench blog_det1 blog_det2
-# blog_xla_caches blog_threefry blog_autotune0 tests_fast profile tests_slow scale), so a short
+# the order they always run in (default: all of blog_cold blog_warm bench pallas blog_pallas
+# blog_det1 blog_det2 blog_xla_caches blog_threefry blog_autotune0 tests_fast profile tests_slow
+# scale), so a short
 # lease gets the headline figures first.
 # Timings name the device; compare figures only within one run of this script.
 set -uo pipefail
@@ -39,7 +41,7 @@ timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its l
   echo "$name $((SECONDS - start)) $rc" >>"$out/times.txt"
 }
 : >"$out/times.txt"
-all_steps="blog_cold blog_warm bench blog_det1 blog_det2 blog_xla_caches blog_threefry blog_autotune0"
+all_steps="blog_cold blog_warm bench pallas blog_pallas blog_det1 blog_det2 blog_xla_caches blog_threefry blog_autotune0"
 all_steps+=" tests_fast profile tests_slow scale"
 steps=${STEPS:-$all_steps}
 blog() {  # blog NAME [VAR=VALUE...]: the blog study in $out/NAME (the table reads it there)
@@ -50,6 +52,13 @@ blog blog_cold
 blog blog_warm
 timed bench $py bench/throughput.py --seeds=1024,8192,32768 --repeats=3 --loop_seeds=3 \
   --impl_seeds=8192 --out="$out/throughput.json"
+# The Pallas kernels (research/pallas_lstm.py): the train step at 32k seeds, timed and profiled
+# beside the fused recurrence (their losses compared), then the blog study with them, its
+# per-seed arrays compared with blog_cold's (warm cache but for the new train programs).
+timed pallas $py bench/profile.py --seeds=32768 --variants=fused,pallas,pallas:tf32 \
+  --out="$out/pallas.json"
+timed blog_pallas $py run.py --config=configs/blog.py --workdir="$out/blog_pallas" \
+  --config.model.impl=pallas
 # Is a GPU run repeatable? The embedding gradient's scatter-add uses float atomics. The same
 # study twice with XLA's deterministic ops (cold, as the flag changes the cache key, then warm);
 # the table compares both pairs' per-seed arrays and the flag's results against the default's.
@@ -99,10 +108,10 @@ for name, (seconds, rc) in times.items():
     r = json.load(open(f"{out}/throughput.json"))
     detail = "; ".join(f"{v['seeds']} seeds {v['seeds_per_s']:.0f}/s" for v in r["vmapped"])
     detail += f"; fused vs flax x{r['impl']['fused_speedup']:.2f}"
-  if name == "profile" and os.path.exists(f"{out}/profile.json"):
-    r = json.load(open(f"{out}/profile.json"))
-    detail = "; ".join(f"{v['variant']} {v['seeds_per_s_100_epochs']:.0f} seeds/s"
-                       for v in r["results"])
+  if name in ("profile", "pallas") and os.path.exists(f"{out}/{name}.json"):
+    r = json.load(open(f"{out}/{name}.json"))
+    detail = "; ".join(f"{v['variant']} {v['seeds_per_s_100_epochs']:.0f} seeds/s "
+                       f"(loss diff {v['loss_max_abs_diff_vs_first']:.1e})" for v in r["results"])
   if name == "scale" and os.path.exists(f"{out}/scale.json"):
     r = json.load(open(f"{out}/scale.json"))
     detail = "; ".join(
@@ -135,6 +144,7 @@ def same(a, b):
 
 
 for a, b, what in [("blog_cold", "blog_warm", "default flags, run twice"),
+                   ("blog_cold", "blog_pallas", "Pallas kernels against fused"),
                    ("blog_det1", "blog_det2", "deterministic ops, run twice"),
                    ("blog_warm", "blog_det1", "deterministic ops against default"),
                    ("blog_cold", "blog_xla_caches", "all XLA caches against default"),

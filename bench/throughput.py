@@ -40,12 +40,12 @@ from absl import app, flags  # noqa: E402
 from bench import scenario  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
 from configs import blog  # noqa: E402
-from research import config_lib, files, programs, schema  # noqa: E402
+from research import config_lib, files, programs  # noqa: E402
 from research import data as data_lib  # noqa: E402
 from research import model as model_lib  # noqa: E402
 from research import train as train_lib  # noqa: E402
 
-IMPLS = schema.IMPLS
+IMPLS = ("fused", "flax")  # Compared here; "pallas" (GPU kernels) in bench/profile.py.
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["1", "64", "256", "1024"], "Seed counts to time the vmapped run at.")
 flags.DEFINE_bool("quick", False, "Smoke test: 2 epochs, 1 and 4 seeds, 1 repeat, small probes.")

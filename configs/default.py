@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.2  # Dropout rate on the LSTM output, in [0, 1).
   config.model.mode = "last"  # "last": predict from the last state (blog); "all": every step.
   config.model.init = "keras"  # "keras": Keras defaults as in the blog; "flax": flax defaults.
-  config.model.impl = "fused"  # LSTM: "fused" (custom-VJP kernel, fast on CPU) or "flax" (nn.RNN).
+  # LSTM: "fused" (custom-VJP kernel, fast on CPU), "flax" (nn.RNN), or "pallas" ("fused" with
+  # its training recurrence as GPU kernels; off a GPU they run interpreted, slowly).
+  config.model.impl = "fused"
   config.model.unroll = 0  # Fused LSTM's T steps: 0 = Python loop; k >= 1 = lax.scan, k a trip.
   # Every matmul's precision: "float32" (exact, on every backend), or explicitly reduced:
   # "tensorfloat32" (GPU tensor cores, ~1e-3 relative error) or "bfloat16" (TPU: one pass).

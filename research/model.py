@@ -1,7 +1,8 @@
 """The blog's model: Embed -> LSTM -> Dropout -> Dense, in flax.linen.
 
 model.impl picks the recurrence: "fused" (research/lstm.py's custom-VJP kernels, fastest on
-CPU) or "flax" (nn.RNN(nn.OptimizedLSTMCell)). Both have the same parameters, names and
+CPU), "flax" (nn.RNN(nn.OptimizedLSTMCell)) or "pallas" ("fused", with the training
+recurrence as research/pallas_lstm.py's GPU kernels). All have the same parameters, names and
 initial values, and compute the same function and gradients (tests/test_model.py).
 """
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from research import lstm, schema
+from research import lstm, pallas_lstm, schema
 
 MODES = schema.MODES
 IMPLS = schema.IMPLS
@@ -97,8 +98,8 @@ class LSTMLanguageModel(nn.Module):
   layers: int = 1
   mode: str = "last"
   keras_init: bool = True  # Keras defaults (the blog's); else flax defaults.
-  impl: str = "fused"  # "fused": research/lstm.py; "flax": nn.RNN(nn.OptimizedLSTMCell).
-  unroll: int = 0  # "fused" only: 0 = a Python loop over T; k >= 1 = lax.scan, k steps a trip.
+  impl: str = "fused"  # "fused": research/lstm.py; "flax": nn.RNN(...); "pallas": see above.
+  unroll: int = 0  # "fused" (and "pallas" inference): 0 = a Python loop over T; k >= 1 = lax.scan.
   param_dtype: jnp.dtype = jnp.float32  # float64 when JAX runs with --jax_enable_x64.
 
   @nn.compact
@@ -123,7 +124,7 @@ class LSTMLanguageModel(nn.Module):
     )
     if self.impl == "flax":
       h_BxTxH, h_BxH = self._flax_lstm(embed(tokens_BxT), lengths_B, cell_kw)
-    elif self.impl == "fused":
+    elif self.impl in ("fused", "pallas"):
       inference = dropout_rng is None  # Training always passes one (even at rate 0).
       h_BxTxH, h_BxH = self._fused_lstm(embed, tokens_BxT, lengths_B, cell_kw, inference)
     else:
@@ -146,7 +147,8 @@ class LSTMLanguageModel(nn.Module):
     """The custom-VJP kernels, time-major inside: the same two outputs as _flax_lstm.
 
     inference: layer 0 may read its first two steps from per-token tables (lstm.py's
-    window_recurrence: the same values, a third less work when decoding at T = 3).
+    window_recurrence: the same values, a third less work when decoding at T = 3). "pallas"
+    runs the kernels in training only: evaluation and decoding are "fused"'s programs.
     """
     tokens_TxB = tokens_BxT.T
     h_TxBxH = None
@@ -165,7 +167,10 @@ class LSTMLanguageModel(nn.Module):
         xproj_TxBx4H = lstm.lookup(embed.embedding, tokens_TxB) @ w.kernel_i_Ix4H
       else:
         xproj_TxBx4H = h_TxBxH @ w.kernel_i_Ix4H
-      h_TxBxH = lstm.lstm_recurrence(w.kernel_h_Hx4H, w.bias_4H, xproj_TxBx4H, self.unroll)
+      if self.impl == "pallas" and not inference:
+        h_TxBxH = pallas_lstm.lstm_recurrence(w.kernel_h_Hx4H, w.bias_4H, xproj_TxBx4H)
+      else:
+        h_TxBxH = lstm.lstm_recurrence(w.kernel_h_Hx4H, w.bias_4H, xproj_TxBx4H, self.unroll)
     if lengths_B is None:
       h_BxH = h_TxBxH[-1]
     else:  # The state after each row's last valid token, as nn.RNN(seq_lengths=...) returns.

@@ -12,7 +12,9 @@ import ml_collections
 CORPORA = ("blog_repetitive", "blog_varied", "nursery", "pydoc_topics")
 TOKENIZATIONS = ("char", "word")
 MODES = ("last", "all")  # "last": predict from the last state; "all": at every position.
-IMPLS = ("fused", "flax")  # LSTM recurrence: the custom-VJP kernel, or nn.RNN(OptimizedLSTMCell).
+# LSTM recurrence: the custom-VJP kernel, nn.RNN(OptimizedLSTMCell), or the fused kernel's
+# training recurrence as Pallas GPU kernels (research/pallas_lstm.py).
+IMPLS = ("fused", "flax", "pallas")
 INITS = ("keras", "flax")
 # Matmul precision (jax.default_matmul_precision's names). float32 is exact float32 on every
 # backend; GPUs would otherwise use tensorfloat32 and TPUs bfloat16 passes for float32 inputs.

@@ -276,6 +276,24 @@ def check_processes(config) -> None:
     )
 
 
+def check_backend(cells: list[config_lib.Cell]) -> None:
+  """model.impl="pallas" here: its kernels are float32 (refused under --jax_enable_x64), and
+  off a GPU they run in Pallas' interpreter, which gives the same results, slowly (a warning)."""
+  if not any(c.config.model.impl == "pallas" for c in cells):
+    return
+  if jax.config.jax_enable_x64:
+    raise schema.ConfigError(
+      "config.model.impl must be 'fused' or 'flax' with --jax_enable_x64 (the Pallas kernels "
+      "are float32), got 'pallas'"
+    )
+  if jax.default_backend() != "gpu":
+    logging.warning(
+      "model.impl='pallas' on %s: its kernels run in Pallas' interpreter, several times "
+      "slower than 'fused'",
+      jax.default_backend(),
+    )
+
+
 def _cell_meta(cell: config_lib.Cell, dataset: data_lib.Dataset, timing, epochs_Q: list):
   prompts = evaluate_lib.choose_prompts(cell.config, dataset)
   next_N = dataset.windows_NxW[:, -1]
@@ -812,6 +830,7 @@ def run_study(
   start = started or time.time()
   cells = config_lib.expand_cells(config)
   check_processes(config)
+  check_backend(cells)
   groups = group_cells(cells)  # Datasets and prompts now: bad data fails before any training.
   turn = first_group % len(groups)
   groups = groups[turn:] + groups[:turn]

@@ -30,9 +30,9 @@ def test_ruff_format():
 
 # The stages from the bottom up (README, Architecture): a module imports only modules before it.
 LAYERS = (
-  "platform", "hosts", "schema", "files", "stats", "metrics", "lstm", "data", "config_lib", "model",
-  "generate", "train", "evaluate", "programs", "results", "workdir", "study", "claims", "plots",
-  "report", "workers",
+  "platform", "hosts", "schema", "files", "stats", "metrics", "lstm", "pallas_lstm", "data",
+  "config_lib", "model", "generate", "train", "evaluate", "programs", "results", "workdir",
+  "study", "claims", "plots", "report", "workers",
 )  # fmt: skip
 
 

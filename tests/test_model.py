@@ -1,4 +1,4 @@
-"""The LSTM language model: both recurrences equal (values, gradients, init), Keras init."""
+"""The LSTM language model: its recurrences equal (values, gradients, init), Keras init."""
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,39 @@ def test_fused_and_flax_lstm_are_the_same_function(mode, layers, vocab):
   grads, flax_grads = jax.grad(loss(fused))(params), jax.grad(loss(flax_rnn))(params)
   for a, b in zip(*map(jax.tree_util.tree_leaves, (grads, flax_grads)), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * rounding_slack())
+
+
+@pytest.mark.parametrize(("mode", "layers"), [("last", 1), ("all", 2)])
+def test_pallas_impl_is_the_fused_model_with_kernels_in_training(mode, layers):
+  """impl="pallas": fused's parameters; in training (a dropout key) the Pallas kernels give
+  fused's values and gradients; evaluation and decoding run fused's own code, bit for bit."""
+  kw = dict(embed_dim=8, hidden=16, layers=layers, mode=mode)
+  fused = model.LSTMLanguageModel(12, impl="fused", **kw)
+  pallas = model.LSTMLanguageModel(12, impl="pallas", **kw)
+  params = model.init_params(fused, jax.random.key(1), 5)
+  pallas_params = model.init_params(pallas, jax.random.key(1), 5)
+  for a, b in zip(*map(jax.tree_util.tree_leaves, (params, pallas_params)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  tokens_BxT = jax.random.randint(jax.random.key(0), (6, 5), 0, 12)
+  lengths_B = jnp.asarray([1, 2, 3, 4, 5, 5])
+  with jax.default_matmul_precision("float32"):
+    np.testing.assert_array_equal(
+      pallas.apply({"params": params}, tokens_BxT, lengths_B=lengths_B),
+      fused.apply({"params": params}, tokens_BxT, lengths_B=lengths_B),
+    )
+
+    def loss(m):
+      def fn(p):
+        logits = m.apply({"params": p}, tokens_BxT, 0.3, jax.random.key(2), lengths_B)
+        return jnp.sum(logits**2)
+
+      return fn
+
+    tol = 1e-5 * rounding_slack()
+    np.testing.assert_allclose(loss(pallas)(params), loss(fused)(params), rtol=tol)
+    grads, fused_grads = jax.grad(loss(pallas))(params), jax.grad(loss(fused))(params)
+  for a, b in zip(*map(jax.tree_util.tree_leaves, (grads, fused_grads)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=10 * tol, atol=tol)
 
 
 def test_keras_init_sets_forget_bias_to_one_and_small_embeddings():

@@ -46,6 +46,12 @@ def test_run_py_reports_config_errors_in_one_line(tmp_path, override, message):
   assert not (tmp_path / "w").exists()
 
 
+def test_pallas_kernels_under_float64_are_refused_in_one_line(tmp_path):
+  out = run_tiny(tmp_path / "w", "--jax_enable_x64", "--config.model.impl=pallas")
+  assert_clean_error(out, "config.model.impl must be 'fused' or 'flax' with --jax_enable_x64")
+  assert not (tmp_path / "w").exists()
+
+
 def test_missing_config_file(tmp_path):
   out = run("--config=configs/nope.py", f"--workdir={tmp_path}")
   assert_clean_error(out, "cannot load --config=configs/nope.py")

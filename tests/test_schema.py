@@ -13,7 +13,7 @@ INVALID = [
   ("train.learning_rate", float("inf"), "config.train.learning_rate must be > 0, got inf"),
   ("model.dropout", 1.0, "config.model.dropout must be in [0, 1), got 1.0"),
   ("model.dropout", -0.1, "config.model.dropout must be in [0, 1)"),
-  ("model.impl", "cudnn", "config.model.impl must be one of ['fused', 'flax']"),
+  ("model.impl", "cudnn", "config.model.impl must be one of ['fused', 'flax', 'pallas']"),
   ("model.unroll", -1, "config.model.unroll must be an int >= 0 (0 = a Python loop over the T"),
   ("model.matmul_precision", "tf32", "config.model.matmul_precision must be one of ['float32', "),
   ("train.batch_size", 0, "config.train.batch_size must be an int in [1, 2147483647], got 0"),

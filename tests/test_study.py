@@ -77,6 +77,18 @@ def test_seed_chunks_give_identical_results(tmp_path):
   assert_same_results(load_per_seed(tmp_path / "whole"), load_per_seed(tmp_path / "chunked"))
 
 
+@pytest.mark.slow  # Two studies; the Pallas one's kernels interpreted on a CPU.
+def test_a_study_with_the_pallas_kernels_gives_the_fused_results(tmp_path, caplog):
+  fused = grid_config()
+  study.run_study(fused, str(tmp_path / "fused"))
+  pallas = grid_config()
+  pallas.model.impl = "pallas"
+  study.run_study(pallas, str(tmp_path / "pallas"))
+  if jax.default_backend() != "gpu":
+    assert "its kernels run in Pallas' interpreter" in caplog.text
+  assert_same_results(load_per_seed(tmp_path / "fused"), load_per_seed(tmp_path / "pallas"))
+
+
 def test_phases_time_every_program_compiled_with_its_cells(blog_workdir):
   directory, rows = blog_workdir
   phases = json.loads((pathlib.Path(directory) / "results.json").read_text())["phases"]

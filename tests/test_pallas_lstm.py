@@ -1,0 +1,88 @@
+"""The Pallas kernels equal the fused recurrence (values and VJPs), per seed and vmapped, and
+lower for a GPU from any host. On a CPU they run in Pallas' interpreter; on a GPU, compiled."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rounding_slack
+from test_lstm import random_problem
+
+from research import lstm, pallas_lstm
+
+
+def loss(fn, weights_TxBxH):
+  return lambda *args: jnp.sum(fn(*args) * weights_TxBxH)
+
+
+# (steps, hidden, batch): the blog's shape (H and B padded to 64 and 32); H and B below
+# Triton's 16 (both padded); one step (no recurrent matmul, no dW_h).
+@pytest.mark.parametrize(("steps", "hidden", "batch"), [(3, 50, 32), (5, 6, 5), (1, 20, 17)])
+def test_values_and_gradients_equal_the_fused_recurrence(steps, hidden, batch):
+  args, weights_TxBxH = random_problem(steps, hidden, batch)
+  tol = 1e-6 * rounding_slack()
+  with jax.default_matmul_precision("float32"):
+    np.testing.assert_allclose(
+      pallas_lstm.lstm_recurrence(*args), lstm.lstm_recurrence(*args), rtol=tol, atol=tol
+    )
+    grad = functools.partial(jax.grad, argnums=(0, 1, 2))
+    ours = grad(loss(pallas_lstm.lstm_recurrence, weights_TxBxH))(*args)
+    fused = grad(loss(lstm.lstm_recurrence, weights_TxBxH))(*args)
+  for a, b in zip(ours, fused, strict=True):
+    np.testing.assert_allclose(a, b, rtol=10 * tol, atol=10 * tol)
+  if steps == 1:
+    np.testing.assert_array_equal(ours[0], 0.0)  # No recurrent step: h_0 @ W_h never runs.
+
+
+def test_vmapped_seeds_equal_single_seeds():
+  """Under vmap a seed is one program of the kernels' grid: each equals its own call."""
+  problems = [random_problem(3, 10, 8, seed=s) for s in range(3)]
+  args_S = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[p[0] for p in problems])
+  weights_SxTxBxH = jnp.stack([p[1] for p in problems])
+
+  def grads(args, weights_TxBxH):
+    return jax.grad(loss(pallas_lstm.lstm_recurrence, weights_TxBxH), argnums=(0, 1, 2))(*args)
+
+  with jax.default_matmul_precision("float32"):
+    vmapped = jax.jit(jax.vmap(grads))(args_S, weights_SxTxBxH)
+    for s, (args, weights_TxBxH) in enumerate(problems):
+      single = grads(args, weights_TxBxH)
+      for a, b in zip(vmapped, single, strict=True):
+        np.testing.assert_allclose(a[s], b, rtol=1e-6, atol=1e-6 * rounding_slack())
+
+
+def test_lowers_to_triton_kernels_for_a_gpu_from_any_host():
+  """The vmapped forward and backward lower for CUDA (Triton's power-of-2 and dot-size rules
+  checked at lowering), as two kernels, without a GPU here."""
+  args, weights_TxBxH = random_problem(3, 50, 32)
+  args_S = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), args)
+  compiled = functools.partial(pallas_lstm.lstm_recurrence, interpret=False)
+  grads = jax.vmap(jax.grad(loss(compiled, weights_TxBxH), argnums=(0, 1, 2)))
+  with jax.default_matmul_precision("float32"):
+    lowered = jax.jit(grads).trace(*args_S).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
+  assert "grid_x = 2" in text  # One program per seed.
+
+
+@pytest.mark.parametrize(
+  ("name", "expected"),
+  [
+    ("float32", jax.lax.Precision.HIGHEST),
+    ("tensorfloat32", jax.lax.Precision.HIGH),
+    ("bfloat16", jax.lax.DotAlgorithmPreset.BF16_BF16_F32),
+  ],
+)
+def test_dots_follow_the_configured_matmul_precision(name, expected):
+  with jax.default_matmul_precision(name):
+    assert pallas_lstm._dot_precision() == expected
+
+
+def test_float64_parameters_are_refused_with_a_clear_error():
+  args, _ = random_problem(2, 4, 4)
+  with jax.enable_x64(True):  # run.py --jax_enable_x64: the model's parameters are float64.
+    args64 = [jax.ShapeDtypeStruct(a.shape, jnp.float64) for a in args]
+    with pytest.raises(ValueError, match="model.impl='pallas' needs float32 parameters"):
+      jax.eval_shape(pallas_lstm.lstm_recurrence, *args64)
