@@ -19,7 +19,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 NUM_GATES = 4  # i, f, g, o: nn.OptimizedLSTMCell's order, as research/lstm.py.
 
@@ -142,12 +141,18 @@ def _call(kernel, out_shape, interpret, *args):
   precision = _dot_precision()
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
+  params = None
+  if not interpret:
+    # Imported here: ~60 ms that every run (and --workers process) would pay at start-up.
+    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+
+    params = pltriton.CompilerParams(num_warps=4, num_stages=1)
   return pl.pallas_call(
     functools.partial(kernel, precision=precision),
     out_shape=out_shape,
     interpret=interpret,
     # Triton rather than Mosaic GPU (the default in some jax versions): float32 dots.
-    compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
+    compiler_params=params,
     name=kernel.__name__.strip("_"),
   )(*args)
 
