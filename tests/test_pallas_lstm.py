@@ -17,6 +17,16 @@ def loss(fn, weights_TxBxH):
   return lambda *args: jnp.sum(fn(*args) * weights_TxBxH)
 
 
+def values_and_grads(recurrence, weights_TxBxH):
+  """jit of (h, d(sum(h * weights))/d(kernel_h, bias, xproj)): one program per shape."""
+
+  def fn(*args):
+    grads = jax.grad(loss(recurrence, weights_TxBxH), argnums=(0, 1, 2))(*args)
+    return recurrence(*args), grads
+
+  return jax.jit(fn)
+
+
 # (steps, hidden, batch): the blog's shape (H and B padded to 64 and 32); H and B below
 # Triton's 16 (both padded); one step (no recurrent matmul, no dW_h).
 @pytest.mark.parametrize(("steps", "hidden", "batch"), [(3, 50, 32), (5, 6, 5), (1, 20, 17)])
@@ -24,12 +34,9 @@ def test_values_and_gradients_equal_the_fused_recurrence(steps, hidden, batch):
   args, weights_TxBxH = random_problem(steps, hidden, batch)
   tol = 1e-6 * rounding_slack()
   with jax.default_matmul_precision("float32"):
-    np.testing.assert_allclose(
-      pallas_lstm.lstm_recurrence(*args), lstm.lstm_recurrence(*args), rtol=tol, atol=tol
-    )
-    grad = functools.partial(jax.grad, argnums=(0, 1, 2))
-    ours = grad(loss(pallas_lstm.lstm_recurrence, weights_TxBxH))(*args)
-    fused = grad(loss(lstm.lstm_recurrence, weights_TxBxH))(*args)
+    h_TxBxH, ours = values_and_grads(pallas_lstm.lstm_recurrence, weights_TxBxH)(*args)
+    fused_h_TxBxH, fused = values_and_grads(lstm.lstm_recurrence, weights_TxBxH)(*args)
+  np.testing.assert_allclose(h_TxBxH, fused_h_TxBxH, rtol=tol, atol=tol)
   for a, b in zip(ours, fused, strict=True):
     np.testing.assert_allclose(a, b, rtol=10 * tol, atol=10 * tol)
   if steps == 1:
@@ -42,11 +49,12 @@ def test_vmapped_seeds_equal_single_seeds():
   args_S = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[p[0] for p in problems])
   weights_SxTxBxH = jnp.stack([p[1] for p in problems])
 
+  @jax.jit
   def grads(args, weights_TxBxH):
     return jax.grad(loss(pallas_lstm.lstm_recurrence, weights_TxBxH), argnums=(0, 1, 2))(*args)
 
   with jax.default_matmul_precision("float32"):
-    vmapped = jax.jit(jax.vmap(grads))(args_S, weights_SxTxBxH)
+    vmapped = jax.vmap(grads)(args_S, weights_SxTxBxH)
     for s, (args, weights_TxBxH) in enumerate(problems):
       single = grads(args, weights_TxBxH)
       for a, b in zip(vmapped, single, strict=True):
