@@ -28,6 +28,7 @@ if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
 import research  # noqa: E402, F401  # Sets the CPU XLA flag before JAX starts.  # isort: skip
 
 import collections  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
@@ -44,7 +45,7 @@ from bench import scenario  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
 from configs import blog  # noqa: E402
 from research import data as data_lib  # noqa: E402
-from research import programs  # noqa: E402
+from research import pallas_lstm, programs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("seeds", 32768, "Seeds trained in parallel.")
@@ -53,8 +54,8 @@ flags.DEFINE_integer("repeats", 3, "Timed calls per variant (the median is repor
 flags.DEFINE_list(
   "variants",
   ["fused", "fused:tf32"],
-  "impl[:tf32|:bf16][:unrollK]: model.impl, model.matmul_precision (float32 unless named), "
-  "model.unroll.",
+  "impl[:tf32|:bf16][:unrollK][:warpsN]: model.impl, model.matmul_precision (float32 unless "
+  "named), model.unroll, and for impl pallas the kernels' Triton warps.",
 )
 flags.DEFINE_integer("top", 25, "Rows of the per-instruction table.")
 flags.DEFINE_bool("trace", True, "Profile one call per variant (else only time them).")
@@ -70,19 +71,33 @@ class Variant:
   impl: str
   unroll: int
   precision: str  # model.matmul_precision.
+  warps: int = 0  # "pallas" only: pallas_lstm.NUM_WARPS while compiling (0: its default).
 
 
 def parse_variant(text: str) -> Variant:
   impl, *opts = text.split(":")
-  unroll, precision = 0, "float32"
+  unroll, precision, warps = 0, "float32", 0
   for opt in opts:
     if opt.startswith("unroll"):
       unroll = int(opt[len("unroll") :])
+    elif opt.startswith("warps") and impl == "pallas":
+      warps = int(opt[len("warps") :])
     elif opt in PRECISIONS:
       precision = PRECISIONS[opt]
     else:
       raise app.UsageError(f"unknown variant option {opt!r} in {text!r}")
-  return Variant(text, impl, unroll, precision)
+  return Variant(text, impl, unroll, precision, warps)
+
+
+@contextlib.contextmanager
+def warps(count: int):
+  """The Pallas kernels traced with `count` Triton warps a program (0: the default)."""
+  default = pallas_lstm.NUM_WARPS
+  pallas_lstm.NUM_WARPS = count or default
+  try:
+    yield
+  finally:
+    pallas_lstm.NUM_WARPS = default
 
 
 def scenario_config(variant: Variant, epochs: int):
@@ -273,7 +288,8 @@ def main(argv):
     config = scenario_config(variant, epochs).config
     progs = programs.build(config, dataset, ())
     t0 = time.perf_counter()
-    compiled = progs.epochs_program(epochs).lower(state0).compile()
+    with warps(variant.warps):
+      compiled = progs.epochs_program(epochs).lower(state0).compile()
     compile_s = time.perf_counter() - t0
     state = jax.tree_util.tree_map(jnp.copy, state0)
     state, loss_SxE = jax.block_until_ready(compiled(state))

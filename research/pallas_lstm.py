@@ -21,6 +21,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 NUM_GATES = 4  # i, f, g, o: nn.OptimizedLSTMCell's order, as research/lstm.py.
+# Triton warps per seed's program: 4 x 32 threads share a step's 32 x 64 blocks. Untuned;
+# bench/profile.py's "pallas:warpsN" variants time other counts.
+NUM_WARPS = 4
 
 
 def _pow2(n: int) -> int:
@@ -146,7 +149,7 @@ def _call(kernel, out_shape, interpret, *args):
     # Imported here: ~60 ms that every run (and --workers process) would pay at start-up.
     from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
 
-    params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
   return pl.pallas_call(
     functools.partial(kernel, precision=precision),
     out_shape=out_shape,

@@ -129,8 +129,12 @@ def test_quick_compile_time_bench_times_each_stage(tmp_path):
 
 @pytest.mark.slow
 def test_quick_profile_sums_kernel_time_by_source_line(tmp_path):
-  results = run_quick("profile.py", tmp_path, timeout=120)
-  assert [r["variant"] for r in results["results"]] == ["fused", "fused:tf32"]
+  variants = ["fused", "fused:tf32", "pallas:warps8"]
+  results = run_quick("profile.py", tmp_path, 180, args=[f"--variants={','.join(variants)}"])
+  assert [r["variant"] for r in results["results"]] == variants
+  pallas = results["results"][2]  # Interpreted here: its kernels' ops are pallas_lstm.py's.
+  assert pallas["loss_max_abs_diff_vs_first"] < 1e-5
+  assert any(r["source"].startswith("pallas_lstm.py") for r in pallas["profile"]["top"])
   for row in results["results"]:
     assert row["seeds"] == 8 and row["seeds_per_s_100_epochs"] > 0
     profile = row["profile"]

@@ -61,9 +61,10 @@ def test_vmapped_seeds_equal_single_seeds():
         np.testing.assert_allclose(a[s], b, rtol=1e-6, atol=1e-6 * rounding_slack())
 
 
-def test_lowers_to_triton_kernels_for_a_gpu_from_any_host():
+def test_lowers_to_triton_kernels_for_a_gpu_from_any_host(monkeypatch):
   """The vmapped forward and backward lower for CUDA (Triton's power-of-2 and dot-size rules
   checked at lowering), as two kernels, without a GPU here."""
+  monkeypatch.setattr(pallas_lstm, "NUM_WARPS", 8)  # bench/profile.py's warpsN variants.
   args, weights_TxBxH = random_problem(3, 50, 32)
   args_S = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), args)
   compiled = functools.partial(pallas_lstm.lstm_recurrence, interpret=False)
@@ -73,6 +74,7 @@ def test_lowers_to_triton_kernels_for_a_gpu_from_any_host():
   text = lowered.as_text()
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
   assert "grid_x = 2" in text  # One program per seed.
+  assert text.count("num_warps = 8") == 2
 
 
 @pytest.mark.parametrize(
