@@ -152,6 +152,7 @@ class LSTMLanguageModel(nn.Module):
     """
     tokens_TxB = tokens_BxT.T
     h_TxBxH = None
+    pallas = self.impl == "pallas" and not inference
     for layer in range(self.layers):
       name = "lstm" if layer == 0 else f"lstm_{layer}"
       in_features = self.embed_dim if layer == 0 else self.hidden
@@ -162,12 +163,18 @@ class LSTMLanguageModel(nn.Module):
         continue
       if layer == 0 and self.vocab_size <= tokens_TxB.size:
         # Small vocabulary: project the table once (V x 4H), then look rows up.
-        xproj_TxBx4H = lstm.lookup(embed.embedding @ w.kernel_i_Ix4H, tokens_TxB)
+        xtable_Vx4H = embed.embedding @ w.kernel_i_Ix4H
+        if pallas and pallas_lstm.fits_lookup(self.vocab_size):  # The kernels look them up.
+          h_TxBxH = pallas_lstm.lookup_recurrence(
+            w.kernel_h_Hx4H, w.bias_4H, xtable_Vx4H, tokens_TxB
+          )
+          continue
+        xproj_TxBx4H = lstm.lookup(xtable_Vx4H, tokens_TxB)
       elif layer == 0:
         xproj_TxBx4H = lstm.lookup(embed.embedding, tokens_TxB) @ w.kernel_i_Ix4H
       else:
         xproj_TxBx4H = h_TxBxH @ w.kernel_i_Ix4H
-      if self.impl == "pallas" and not inference:
+      if pallas:
         h_TxBxH = pallas_lstm.lstm_recurrence(w.kernel_h_Hx4H, w.bias_4H, xproj_TxBx4H)
       else:
         h_TxBxH = lstm.lstm_recurrence(w.kernel_h_Hx4H, w.bias_4H, xproj_TxBx4H, self.unroll)

@@ -3,15 +3,24 @@ its T backward steps in another.
 
 The same math as lstm.lstm_recurrence (tests/test_pallas_lstm.py). Why: at tens of thousands
 of seeds on a GPU, XLA runs each step as batched 32x50 @ 50x200 matmuls plus elementwise
-kernels, every gate through memory. Here a seed's gates, cell and hidden state stay on chip for
-all T steps, and dW_h is summed there too. Under vmap each seed is one program of the kernels'
-grid (Pallas' batching rule), so the study's vmapped train program needs no change.
+kernels, every gate and gradient through memory. Here a seed's gates, cell and hidden state
+stay on chip for all T steps; the forward keeps only h and the cell for the backward, which
+recomputes the gates; dW_h and the bias gradient are summed on chip. Under vmap each seed is
+one program of the kernels' grid (Pallas' batching rule), so the study's vmapped train program
+needs no change.
+
+Two entry points: `lookup_recurrence` for the first layer at a small vocabulary, where each
+step's input x_t @ W_i is a row of a per-token table: the kernels gather the rows from the
+table by token, rather than read a T x B x 4H input, and sum the table's gradient as a
+one-hot product (no T x B x 4H gradient, no scatter-add); `lstm_recurrence` for any given
+input projection.
 
 Triton (Pallas' GPU backend here) needs power-of-2 array sizes, so the hidden size H is padded
-to Hp, each gate on its own (a gate is an Hp-wide block of the 4Hp gate axis), and the batch B
-to Bp, both powers of two. The padding stays exactly zero: zero weights and inputs give a zero
-cell and hidden state, and zero gradients. Off a GPU the kernels run in Pallas' interpreter:
-slow, for tests and small runs.
+to Hp, each gate on its own (a gate is an Hp-wide block of the 4Hp gate axis), the batch B to
+Bp and the vocabulary V to Vp, all powers of two. The padding stays exactly zero: zero weights
+and inputs give a zero cell and hidden state, and zero gradients; padded batch rows get zero
+gradients. Off a GPU the kernels run in Pallas' interpreter: slow, for
+tests and small runs.
 """
 
 import functools
@@ -24,10 +33,14 @@ NUM_GATES = 4  # i, f, g, o: nn.OptimizedLSTMCell's order, as research/lstm.py.
 # Triton warps per seed's program: 4 x 32 threads share a step's 32 x 64 blocks. Untuned;
 # bench/profile.py's "pallas:warpsN" variants time other counts.
 NUM_WARPS = 4
+# lookup_recurrence's largest padded vocabulary: the table's gradient is a one-hot product,
+# Vp x Bp @ Bp x Hp a gate and step.
+MAX_LOOKUP_VOCAB = 128
+EXACT = jax.lax.Precision.HIGHEST  # The one-hot product (a scatter-add): IEEE float32.
 
 
 def _pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
+  return max(1 << max(n - 1, 0).bit_length(), 16)  # Triton's dots need sides >= 16.
 
 
 def _dot_precision():
@@ -38,7 +51,7 @@ def _dot_precision():
     return jax.lax.Precision.HIGH  # Triton's tf32 dot.
   if name in ("bfloat16", "fastest"):
     return jax.lax.DotAlgorithmPreset.BF16_BF16_F32
-  return jax.lax.Precision.HIGHEST  # IEEE float32.
+  return EXACT
 
 
 def _dot(a, b, precision, trans_a=False, trans_b=False):
@@ -53,43 +66,95 @@ def _gate(ref, k: int, padded: int, *index):
   return ref[(*index, pl.ds(k * padded, padded))]
 
 
-def _forward_kernel(w_ref, b_ref, x_ref, h_ref, c_ref, gates_ref, *, precision):
-  """One seed: from a zero carry, T steps of z = h @ W_h + b + x, the gates and the cell.
+def _add_gate(ref, k: int, padded: int, value, *index):
+  """ref's gate-k block += value (outputs summed over the steps, zeroed first)."""
+  at = (*index, pl.ds(k * padded, padded))
+  ref[at] = ref[at] + value
 
-  w_ref Hp x 4Hp, b_ref 1 x 4Hp, x_ref T x Bp x 4Hp (x @ W_i); out: h, c T x Bp x Hp, the
-  activated gates T x Bp x 4Hp (the backward's residuals).
+
+def _barrier(compiled: bool):
+  """Orders a program's stores to an output before it reads them back (CUDA's
+  __syncthreads): Triton may give an element's load to another thread than its store."""
+  if compiled:  # The interpreter runs a program's operations in order.
+    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+
+    pltriton.debug_barrier()
+
+
+class _Input:
+  """A step's input x_t @ W_i in the kernels: read from a T x Bp x 4Hp ref, or gathered from a
+  Vp x 4Hp table's rows by T x Bp tokens (a padded batch row reads row 0 and, its dh being
+  zero, gives it no gradient)."""
+
+  def __init__(self, refs, lookup: bool, padded: int):
+    self.lookup, self.padded = lookup, padded
+    if lookup:
+      self.tokens_ref, self.table_ref = refs
+    else:
+      (self.x_ref,) = refs
+
+  def gates(self, t: int):
+    """x_t's four Hp-wide gate blocks, each Bp x Hp."""
+    if not self.lookup:
+      return [_gate(self.x_ref, k, self.padded, t, slice(None)) for k in range(NUM_GATES)]
+    tokens_Bp = self.tokens_ref[t]
+    return [_gate(self.table_ref, k, self.padded, tokens_Bp) for k in range(NUM_GATES)]
+
+  def one_hot(self, t: int):
+    """Bp x Vp: row b is token b's one-hot, for the table's gradient as a product."""
+    tokens_Bp = self.tokens_ref[t]
+    vocab = self.table_ref.shape[0]
+    ids_BpxVp = jax.lax.broadcasted_iota(jnp.int32, (tokens_Bp.shape[0], vocab), 1)
+    return (tokens_Bp[:, None] == ids_BpxVp).astype(jnp.float32)
+
+
+def _activations(x_gates, h_prev, w_ref, b_ref, padded: int, precision):
+  """A step's activated gates i, f, g, o from its input and the previous h (None at step 0)."""
+  acts = []
+  for k, x_BpxHp in enumerate(x_gates):
+    # As flax's cell: (h @ W_h + b) + x; at step 0, h = 0 and h @ W_h is exactly zero.
+    z_BpxHp = jnp.broadcast_to(_gate(b_ref, k, padded, 0)[None, :], x_BpxHp.shape)
+    if h_prev is not None:
+      z_BpxHp = _dot(h_prev, _gate(w_ref, k, padded, slice(None)), precision) + z_BpxHp
+    z_BpxHp = z_BpxHp + x_BpxHp
+    acts.append(jnp.tanh(z_BpxHp) if k == 2 else jax.nn.sigmoid(z_BpxHp))
+  return acts
+
+
+def _forward_kernel(*refs, lookup: bool, precision, compiled: bool):
+  """One seed from a zero carry: h and the cell at every step, T x Bp x Hp each.
+
+  refs: the input's refs (_Input), w Hp x 4Hp, b 1 x 4Hp; out: h, c.
   """
-  steps, batch, padded = h_ref.shape
+  del compiled  # Nothing is read back.
+  *input_refs, w_ref, b_ref, h_ref, c_ref = refs
+  steps, _, padded = h_ref.shape
+  x = _Input(input_refs, lookup, padded)
   h_BpxHp = c_BpxHp = None
   for t in range(steps):  # T is small (the context length): unrolled.
-    acts = []
-    for k in range(NUM_GATES):
-      # As flax's cell: (h @ W_h + b) + x; at step 0, h = 0 and h @ W_h is exactly zero.
-      z_BpxHp = jnp.broadcast_to(_gate(b_ref, k, padded, 0)[None, :], (batch, padded))
-      if h_BpxHp is not None:
-        z_BpxHp = _dot(h_BpxHp, _gate(w_ref, k, padded, slice(None)), precision) + z_BpxHp
-      z_BpxHp = z_BpxHp + _gate(x_ref, k, padded, t, slice(None))
-      acts.append(jnp.tanh(z_BpxHp) if k == 2 else jax.nn.sigmoid(z_BpxHp))
-    i, f, g, o = acts
+    i, f, g, o = _activations(x.gates(t), h_BpxHp, w_ref, b_ref, padded, precision)
     c_BpxHp = i * g if c_BpxHp is None else f * c_BpxHp + i * g
     h_BpxHp = o * jnp.tanh(c_BpxHp)
-    for k, act in enumerate(acts):
-      gates_ref[t, :, pl.ds(k * padded, padded)] = act
     c_ref[t] = c_BpxHp
     h_ref[t] = h_BpxHp
 
 
-def _backward_kernel(w_ref, h_ref, c_ref, gates_ref, dh_ref, da_ref, dw_ref, *, precision):
-  """One seed's backward: d(pre-activations) T x Bp x 4Hp and dW_h Hp x 4Hp, given dh.
+def _backward_kernel(*refs, lookup: bool, precision, compiled: bool):
+  """One seed's backward, given dh T x Bp x Hp: the input's gradient (T x Bp x 4Hp, or the
+  table's Vp x 4Hp), dW_h Hp x 4Hp and the bias's 1 x 4Hp.
 
-  lstm._loop_bwd's steps, with dW_h = sum_t h_{t-1}^T @ da_t summed as it goes.
+  lstm._loop_bwd's steps; each step's gates are recomputed from the forward's h_{t-1} and x_t.
   """
-  steps, batch, padded = h_ref.shape
+  *input_refs, w_ref, b_ref, h_ref, c_ref, dh_ref, dx_ref, dw_ref, db_ref = refs
+  steps, _, padded = h_ref.shape
+  x = _Input(input_refs, lookup, padded)
+  for ref in (dw_ref, db_ref) + ((dx_ref,) if lookup else ()):
+    ref[...] = jnp.zeros(ref.shape, jnp.float32)
+  _barrier(compiled)
   dh_next = dc_next = None
-  if steps == 1:
-    dw_ref[...] = jnp.zeros(dw_ref.shape, jnp.float32)
   for t in reversed(range(steps)):
-    i, f, g, o = (_gate(gates_ref, k, padded, t, slice(None)) for k in range(NUM_GATES))
+    h_prev = h_ref[t - 1] if t > 0 else None
+    i, f, g, o = _activations(x.gates(t), h_prev, w_ref, b_ref, padded, precision)
     tanh_c = jnp.tanh(c_ref[t])
     dh = dh_ref[t] if dh_next is None else dh_ref[t] + dh_next
     dc = dh * o * (1.0 - tanh_c * tanh_c)
@@ -100,22 +165,23 @@ def _backward_kernel(w_ref, h_ref, c_ref, gates_ref, dh_ref, da_ref, dw_ref, *, 
     dg = dc * i * (1.0 - g * g)
     do = dh * tanh_c * o * (1.0 - o)
     da = (di, df, dg, do)
+    one_hot_BpxVp = x.one_hot(t) if lookup else None
+    dh_next = None
     for k in range(NUM_GATES):
-      da_ref[t, :, pl.ds(k * padded, padded)] = da[k]
-    if t > 0:
-      h_prev = h_ref[t - 1]
-      dh_next = None
-      for k in range(NUM_GATES):
+      if lookup:  # The lookup's gradient: each table row sums its tokens' rows of da.
+        _add_gate(dx_ref, k, padded, _dot(one_hot_BpxVp, da[k], EXACT, trans_a=True), slice(None))
+      else:
+        dx_ref[t, :, pl.ds(k * padded, padded)] = da[k]
+      _add_gate(db_ref, k, padded, jnp.sum(da[k], axis=0), 0)
+      if t > 0:
         w_k = _gate(w_ref, k, padded, slice(None))
         dh_k = _dot(da[k], w_k, precision, trans_b=True)
         dh_next = dh_k if dh_next is None else dh_next + dh_k
         # Summed in the output block rather than in registers: four Hp x Hp accumulators
         # would not fit beside the step's values.
-        dw_k = _dot(h_prev, da[k], precision, trans_a=True)
-        if t < steps - 1:
-          dw_k = _gate(dw_ref, k, padded, slice(None)) + dw_k
-        dw_ref[:, pl.ds(k * padded, padded)] = dw_k
-      dc_next = dc * f
+        _add_gate(dw_ref, k, padded, _dot(h_prev, da[k], precision, trans_a=True), slice(None))
+    dc_next = dc * f
+    _barrier(compiled)  # The sums are read again at the next step.
 
 
 # ----------------------------------------------------------------------------- padding
@@ -140,8 +206,7 @@ def _pad_axis(x, axis: int, size: int):
   return jnp.pad(x, widths)
 
 
-def _call(kernel, out_shape, interpret, *args):
-  precision = _dot_precision()
+def _call(kernel, lookup: bool, out_shape, interpret, *args):
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   params = None
@@ -151,7 +216,7 @@ def _call(kernel, out_shape, interpret, *args):
 
     params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
   return pl.pallas_call(
-    functools.partial(kernel, precision=precision),
+    functools.partial(kernel, lookup=lookup, precision=_dot_precision(), compiled=not interpret),
     out_shape=out_shape,
     interpret=interpret,
     # Triton rather than Mosaic GPU (the default in some jax versions): float32 dots.
@@ -160,25 +225,49 @@ def _call(kernel, out_shape, interpret, *args):
   )(*args)
 
 
-# ----------------------------------------------------------------------------- the VJP
+# ----------------------------------------------------------------------------- the VJPs
 
 
-def _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, interpret):
+def _forward(kernel_h_Hx4H, bias_4H, inputs: tuple, lookup: bool, batch: int, interpret):
+  """Both entry points' forward on padded inputs: (h T x B x H, the backward's residuals)."""
   if kernel_h_Hx4H.dtype != jnp.float32:
     raise ValueError(f"model.impl='pallas' needs float32 parameters, got {kernel_h_Hx4H.dtype}")
   hidden = kernel_h_Hx4H.shape[0]
-  steps, batch, _ = xproj_TxBx4H.shape
-  padded, padded_batch = max(_pow2(hidden), 16), max(_pow2(batch), 16)  # Triton dots: >= 16.
+  padded = _pow2(hidden)
   w_Hpx4Hp = _pad_axis(_pad_gates(kernel_h_Hx4H, hidden, padded), 0, padded)
   b_1x4Hp = _pad_gates(bias_4H, hidden, padded)[None]
-  x_TxBpx4Hp = _pad_axis(_pad_gates(xproj_TxBx4H, hidden, padded), 1, padded_batch)
+  steps, padded_batch = inputs[0].shape[:2]
   state = jax.ShapeDtypeStruct((steps, padded_batch, padded), jnp.float32)
-  gates = jax.ShapeDtypeStruct((steps, padded_batch, NUM_GATES * padded), jnp.float32)
-  h_TxBpxHp, c_TxBpxHp, gates_TxBpx4Hp = _call(
-    _forward_kernel, (state, state, gates), interpret, w_Hpx4Hp, b_1x4Hp, x_TxBpx4Hp
+  h_TxBpxHp, c_TxBpxHp = _call(
+    _forward_kernel, lookup, (state, state), interpret, *inputs, w_Hpx4Hp, b_1x4Hp
   )
-  h_TxBxH = h_TxBpxHp[:, :batch, :hidden]
-  return h_TxBxH, (w_Hpx4Hp, h_TxBpxHp, c_TxBpxHp, gates_TxBpx4Hp)
+  residuals = (inputs, w_Hpx4Hp, b_1x4Hp, h_TxBpxHp, c_TxBpxHp)
+  return h_TxBpxHp[:, :batch, :hidden], residuals
+
+
+def _backward(lookup: bool, residuals, dh_TxBxH, interpret):
+  """(d input as the kernels hold it, dkernel_h H x 4H, dbias 4H)."""
+  inputs, w_Hpx4Hp, b_1x4Hp, h_TxBpxHp, c_TxBpxHp = residuals
+  hidden, padded, padded_batch = dh_TxBxH.shape[2], h_TxBpxHp.shape[2], h_TxBpxHp.shape[1]
+  dh_TxBpxHp = _pad_axis(_pad_axis(dh_TxBxH, 2, padded), 1, padded_batch)
+  dx_shape = inputs[-1].shape  # The T x Bp x 4Hp input, or the Vp x 4Hp table.
+  out_shape = tuple(
+    jax.ShapeDtypeStruct(s, jnp.float32) for s in (dx_shape, w_Hpx4Hp.shape, b_1x4Hp.shape)
+  )
+  dx, dw_Hpx4Hp, db_1x4Hp = _call(
+    _backward_kernel,
+    lookup,
+    out_shape,
+    interpret,
+    *inputs,
+    w_Hpx4Hp,
+    b_1x4Hp,
+    h_TxBpxHp,
+    c_TxBpxHp,
+    dh_TxBpxHp,
+  )
+  dkernel_h = _unpad_gates(dw_Hpx4Hp[:hidden], hidden, padded)
+  return dx, dkernel_h, _unpad_gates(db_1x4Hp[0], hidden, padded)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -191,27 +280,52 @@ def lstm_recurrence(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, interpret=None):
   return _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, interpret)[0]
 
 
+def _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, interpret):
+  hidden, (_, batch, _) = kernel_h_Hx4H.shape[0], xproj_TxBx4H.shape
+  x_TxBpx4Hp = _pad_gates(xproj_TxBx4H, hidden, _pow2(hidden))
+  x_TxBpx4Hp = _pad_axis(x_TxBpx4Hp, 1, _pow2(batch))
+  return _forward(kernel_h_Hx4H, bias_4H, (x_TxBpx4Hp,), False, batch, interpret)
+
+
 def _recurrence_bwd(interpret, residuals, dh_TxBxH):
-  w_Hpx4Hp, h_TxBpxHp, c_TxBpxHp, gates_TxBpx4Hp = residuals
-  steps, batch, hidden = dh_TxBxH.shape
-  padded, padded_batch = h_TxBpxHp.shape[2], h_TxBpxHp.shape[1]
-  dh_TxBpxHp = _pad_axis(_pad_axis(dh_TxBxH, 2, padded), 1, padded_batch)
-  da_TxBpx4Hp, dw_Hpx4Hp = _call(
-    _backward_kernel,
-    (
-      jax.ShapeDtypeStruct(gates_TxBpx4Hp.shape, jnp.float32),
-      jax.ShapeDtypeStruct(w_Hpx4Hp.shape, jnp.float32),
-    ),
-    interpret,
-    w_Hpx4Hp,
-    h_TxBpxHp,
-    c_TxBpxHp,
-    gates_TxBpx4Hp,
-    dh_TxBpxHp,
-  )
-  da_TxBx4H = _unpad_gates(da_TxBpx4Hp[:, :batch], hidden, padded)
-  dkernel_h = _unpad_gates(dw_Hpx4Hp[:hidden], hidden, padded)
-  return dkernel_h, da_TxBx4H.sum(axis=(0, 1)), da_TxBx4H
+  dx_TxBpx4Hp, dkernel_h, dbias = _backward(False, residuals, dh_TxBxH, interpret)
+  hidden, padded = dh_TxBxH.shape[2], residuals[1].shape[0]
+  dxproj = _unpad_gates(dx_TxBpx4Hp[:, : dh_TxBxH.shape[1]], hidden, padded)
+  return dkernel_h, dbias, dxproj
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def fits_lookup(vocab_size: int) -> bool:
+  """Whether lookup_recurrence takes this vocabulary (its one-hot products stay small)."""
+  return _pow2(vocab_size) <= MAX_LOOKUP_VOCAB
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lookup_recurrence(kernel_h_Hx4H, bias_4H, xtable_Vx4H, tokens_TxB, interpret=None):
+  """lstm_recurrence(kernel_h, bias, xtable[tokens]): h at every step, TxBxH, with the table's
+  gradient summed in the kernels (no T x B x 4H input or gradient in memory). V <= 128."""
+  return _lookup_fwd(kernel_h_Hx4H, bias_4H, xtable_Vx4H, tokens_TxB, interpret)[0]
+
+
+def _lookup_fwd(kernel_h_Hx4H, bias_4H, xtable_Vx4H, tokens_TxB, interpret):
+  (vocab, _), (_, batch) = xtable_Vx4H.shape, tokens_TxB.shape
+  if not fits_lookup(vocab):
+    raise ValueError(f"lookup_recurrence takes V <= {MAX_LOOKUP_VOCAB}, got {vocab}")
+  hidden = kernel_h_Hx4H.shape[0]
+  table_Vpx4Hp = _pad_axis(_pad_gates(xtable_Vx4H, hidden, _pow2(hidden)), 0, _pow2(vocab))
+  tokens_TxBp = _pad_axis(tokens_TxB.astype(jnp.int32), 1, _pow2(batch))
+  inputs = (tokens_TxBp, table_Vpx4Hp)
+  h_TxBxH, residuals = _forward(kernel_h_Hx4H, bias_4H, inputs, True, batch, interpret)
+  return h_TxBxH, (residuals, vocab)
+
+
+def _lookup_bwd(interpret, residuals_and_vocab, dh_TxBxH):
+  residuals, vocab = residuals_and_vocab
+  dtable_Vpx4Hp, dkernel_h, dbias = _backward(True, residuals, dh_TxBxH, interpret)
+  hidden, padded = dh_TxBxH.shape[2], residuals[1].shape[0]
+  return dkernel_h, dbias, _unpad_gates(dtable_Vpx4Hp[:vocab], hidden, padded), None
+
+
+lookup_recurrence.defvjp(_lookup_fwd, _lookup_bwd)

@@ -1,5 +1,6 @@
-"""The Pallas kernels equal the fused recurrence (values and VJPs), per seed and vmapped, and
-lower for a GPU from any host. On a CPU they run in Pallas' interpreter; on a GPU, compiled."""
+"""The Pallas kernels equal the fused recurrence and lookup (values and VJPs), per seed and
+vmapped, and lower for a GPU from any host. On a CPU they run in Pallas' interpreter; on a
+GPU, compiled."""
 
 import functools
 
@@ -27,9 +28,9 @@ def values_and_grads(recurrence, weights_TxBxH):
   return jax.jit(fn)
 
 
-# (steps, hidden, batch): the blog's shape (H and B padded to 64 and 32); H and B below
-# Triton's 16 (both padded); one step (no recurrent matmul, no dW_h).
-@pytest.mark.parametrize(("steps", "hidden", "batch"), [(3, 50, 32), (5, 6, 5), (1, 20, 17)])
+# (steps, hidden, batch): the blog's shape (H and B padded to 64 and 32); one step (no
+# recurrent matmul, no dW_h). Sizes below Triton's 16: the lookup's test.
+@pytest.mark.parametrize(("steps", "hidden", "batch"), [(3, 50, 32), (1, 20, 17)])
 def test_values_and_gradients_equal_the_fused_recurrence(steps, hidden, batch):
   args, weights_TxBxH = random_problem(steps, hidden, batch)
   tol = 1e-6 * rounding_slack()
@@ -41,6 +42,45 @@ def test_values_and_gradients_equal_the_fused_recurrence(steps, hidden, batch):
     np.testing.assert_allclose(a, b, rtol=10 * tol, atol=10 * tol)
   if steps == 1:
     np.testing.assert_array_equal(ours[0], 0.0)  # No recurrent step: h_0 @ W_h never runs.
+
+
+def lookup_problem(steps: int, hidden: int, batch: int, vocab: int, seed: int = 0):
+  """(kernel_h, bias, xtable) with tokens, and weights for a scalar loss sum(h * weights)."""
+  (kernel_h_Hx4H, bias_4H, _), weights_TxBxH = random_problem(steps, hidden, batch, seed)
+  k1, k2 = jax.random.split(jax.random.key(seed + 100))
+  xtable_Vx4H = jax.random.normal(k1, (vocab, 4 * hidden))
+  tokens_TxB = jax.random.randint(k2, (steps, batch), 0, vocab)
+  return (kernel_h_Hx4H, bias_4H, xtable_Vx4H), tokens_TxB, weights_TxBxH
+
+
+# (steps, hidden, batch, vocab): the blog's scenario 2 (V = 26 padded to 32); everything
+# below Triton's 16; the largest vocabulary taken.
+@pytest.mark.parametrize(
+  ("steps", "hidden", "batch", "vocab"), [(3, 50, 32, 26), (4, 6, 5, 7), (2, 8, 16, 128)]
+)
+def test_lookup_values_and_gradients_equal_the_fused_lookup(steps, hidden, batch, vocab):
+  """The kernels' one-hot lookup and its gradient (a table row sums its tokens' gradients)."""
+  args, tokens_TxB, weights_TxBxH = lookup_problem(steps, hidden, batch, vocab)
+  tol = 1e-6 * rounding_slack()
+  with jax.default_matmul_precision("float32"):
+    h_TxBxH, ours = values_and_grads(
+      lambda *a: pallas_lstm.lookup_recurrence(*a, tokens_TxB), weights_TxBxH
+    )(*args)
+    fused_h_TxBxH, fused = values_and_grads(
+      lambda k, b, t: lstm.lstm_recurrence(k, b, lstm.lookup(t, tokens_TxB)), weights_TxBxH
+    )(*args)
+  np.testing.assert_allclose(h_TxBxH, fused_h_TxBxH, rtol=tol, atol=tol)
+  for a, b in zip(ours, fused, strict=True):
+    np.testing.assert_allclose(a, b, rtol=10 * tol, atol=10 * tol)
+  unused = np.setdiff1d(np.arange(vocab), np.asarray(tokens_TxB))
+  np.testing.assert_array_equal(ours[2][unused], 0.0)  # Rows no token read get nothing.
+
+
+def test_lookup_refuses_a_vocabulary_above_its_limit():
+  args, tokens_TxB, _ = lookup_problem(2, 8, 16, 129)
+  assert not pallas_lstm.fits_lookup(129) and pallas_lstm.fits_lookup(128)
+  with pytest.raises(ValueError, match="lookup_recurrence takes V <= 128, got 129"):
+    jax.eval_shape(pallas_lstm.lookup_recurrence, *args, tokens_TxB)
 
 
 def test_vmapped_seeds_equal_single_seeds():
@@ -61,13 +101,19 @@ def test_vmapped_seeds_equal_single_seeds():
         np.testing.assert_allclose(a[s], b, rtol=1e-6, atol=1e-6 * rounding_slack())
 
 
-def test_lowers_to_triton_kernels_for_a_gpu_from_any_host(monkeypatch):
+@pytest.mark.parametrize("lookup", [False, True])
+def test_lowers_to_triton_kernels_for_a_gpu_from_any_host(monkeypatch, lookup):
   """The vmapped forward and backward lower for CUDA (Triton's power-of-2 and dot-size rules
   checked at lowering), as two kernels, without a GPU here."""
   monkeypatch.setattr(pallas_lstm, "NUM_WARPS", 8)  # bench/profile.py's warpsN variants.
-  args, weights_TxBxH = random_problem(3, 50, 32)
+  args, tokens_TxB, weights_TxBxH = lookup_problem(3, 50, 32, 26)
+  if lookup:
+    recurrence = functools.partial(pallas_lstm.lookup_recurrence, tokens_TxB=tokens_TxB)
+  else:
+    args = random_problem(3, 50, 32)[0]
+    recurrence = pallas_lstm.lstm_recurrence
   args_S = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), args)
-  compiled = functools.partial(pallas_lstm.lstm_recurrence, interpret=False)
+  compiled = functools.partial(recurrence, interpret=False)
   grads = jax.vmap(jax.grad(loss(compiled, weights_TxBxH), argnums=(0, 1, 2)))
   with jax.default_matmul_precision("float32"):
     lowered = jax.jit(grads).trace(*args_S).lower(lowering_platforms=("cuda",))
@@ -75,6 +121,8 @@ def test_lowers_to_triton_kernels_for_a_gpu_from_any_host(monkeypatch):
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
   assert "grid_x = 2" in text  # One program per seed.
   assert text.count("num_warps = 8") == 2
+  # The backward reads its summed outputs back: a block-wide barrier orders the stores first.
+  assert "debug_barrier" in text
 
 
 @pytest.mark.parametrize(
