@@ -110,7 +110,8 @@ for name, (seconds, rc) in times.items():
     detail += f"; fused vs flax x{r['impl']['fused_speedup']:.2f}"
   if name in ("profile", "pallas") and os.path.exists(f"{out}/{name}.json"):
     r = json.load(open(f"{out}/{name}.json"))
-    detail = "; ".join(f"{v['variant']} {v['seeds_per_s_100_epochs']:.0f} seeds/s "
+    detail = "; ".join(f"{v['variant']} failed: {v['error']}" if "error" in v else
+                       f"{v['variant']} {v['seeds_per_s_100_epochs']:.0f} seeds/s "
                        f"(loss diff {v['loss_max_abs_diff_vs_first']:.1e})" for v in r["results"])
   if name == "scale" and os.path.exists(f"{out}/scale.json"):
     r = json.load(open(f"{out}/scale.json"))

@@ -285,52 +285,75 @@ def main(argv):
   steps = epochs * -(-dataset.windows_NxW.shape[0] // first.train.batch_size)
   results, reference = [], None
   for variant in variants:
-    config = scenario_config(variant, epochs).config
-    progs = programs.build(config, dataset, ())
-    t0 = time.perf_counter()
-    with warps(variant.warps):
-      compiled = progs.epochs_program(epochs).lower(state0).compile()
-    compile_s = time.perf_counter() - t0
-    state = jax.tree_util.tree_map(jnp.copy, state0)
-    state, loss_SxE = jax.block_until_ready(compiled(state))
-    loss = np.asarray(loss_SxE)
+    try:
+      row, loss = measure(variant, dataset, state0, n, epochs, steps, reference)
+    except Exception as e:  # noqa: BLE001  # One failing variant (a kernel that does not
+      # compile on this machine, say) must not lose the others' figures.
+      row, loss = dict(variant=variant.name, seeds=n, error=one_line(e)), None
+      print(f"\n== {variant.name}: failed: {row['error']}", flush=True)
+    else:
+      print_variant(row, steps)
     if reference is None:
       reference = loss
-    seconds = []
-    for _ in range(FLAGS.repeats):
-      t0 = time.perf_counter()
-      state, _ = jax.block_until_ready(compiled(state))
-      seconds.append(time.perf_counter() - t0)
-    call_s = float(np.median(seconds))
-    row = dict(
-      variant=variant.name,
-      seeds=n,
-      compile_s=compile_s,
-      call_s=seconds,
-      seeds_per_s_100_epochs=n / (call_s * 100 / epochs),
-      loss_max_abs_diff_vs_first=float(np.max(np.abs(loss - reference))),
-    )
-    if FLAGS.trace:
-      with tempfile.TemporaryDirectory() as log_dir:
-        with jax.profiler.trace(log_dir):
-          state, _ = jax.block_until_ready(compiled(state))
-        events = device_events(log_dir)
-      row["profile"] = summarise(events, hlo_sources(compiled.as_text()), steps, FLAGS.top)
-    del state
     results.append(row)
-    print_variant(row, steps)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(dict(machine=machine_info(), steps_per_call=steps, results=results), f, indent=1)
+    if FLAGS.out:  # After every variant: a run stopped by a timeout keeps what it measured.
+      with open(FLAGS.out, "w") as f:
+        json.dump(dict(machine=machine_info(), steps_per_call=steps, results=results), f, indent=1)
   print(
     f"\n{'variant':<24} {'compile s':>9} {'call s':>7} {'seeds/s (100 ep)':>17} {'loss diff':>10}"
   )
   for r in results:
+    if "error" in r:
+      print(f"{r['variant']:<24} failed: {r['error']}")
+      continue
     call = float(np.median(r["call_s"]))
     print(
       f"{r['variant']:<24} {r['compile_s']:>9.1f} {call:>7.3f} "
       f"{r['seeds_per_s_100_epochs']:>17.0f} {r['loss_max_abs_diff_vs_first']:>10.2e}"
     )
+
+
+def one_line(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def measure(variant: Variant, dataset, state0, n: int, epochs: int, steps: int, reference):
+  """One variant's row (compile, timed calls, profile) and its first call's losses.
+
+  reference: the first measured variant's losses (None: this is the first).
+  """
+  config = scenario_config(variant, epochs).config
+  progs = programs.build(config, dataset, ())
+  t0 = time.perf_counter()
+  with warps(variant.warps):
+    compiled = progs.epochs_program(epochs).lower(state0).compile()
+  compile_s = time.perf_counter() - t0
+  state = jax.tree_util.tree_map(jnp.copy, state0)
+  state, loss_SxE = jax.block_until_ready(compiled(state))
+  loss = np.asarray(loss_SxE)
+  reference = loss if reference is None else reference
+  seconds = []
+  for _ in range(FLAGS.repeats):
+    t0 = time.perf_counter()
+    state, _ = jax.block_until_ready(compiled(state))
+    seconds.append(time.perf_counter() - t0)
+  call_s = float(np.median(seconds))
+  row = dict(
+    variant=variant.name,
+    seeds=n,
+    compile_s=compile_s,
+    call_s=seconds,
+    seeds_per_s_100_epochs=n / (call_s * 100 / epochs),
+    loss_max_abs_diff_vs_first=float(np.max(np.abs(loss - reference))),
+  )
+  if FLAGS.trace:
+    with tempfile.TemporaryDirectory() as log_dir:
+      with jax.profiler.trace(log_dir):
+        state, _ = jax.block_until_ready(compiled(state))
+      events = device_events(log_dir)
+    row["profile"] = summarise(events, hlo_sources(compiled.as_text()), steps, FLAGS.top)
+  return row, loss
 
 
 def print_variant(row: dict, steps: int):

@@ -129,9 +129,12 @@ def test_quick_compile_time_bench_times_each_stage(tmp_path):
 
 @pytest.mark.slow
 def test_quick_profile_sums_kernel_time_by_source_line(tmp_path):
-  variants = ["fused", "fused:tf32", "pallas:warps8"]
+  # "nope" fails (no such model.impl): recorded with its error, the other variants measured.
+  variants = ["fused", "nope", "fused:tf32", "pallas:warps8"]
   results = run_quick("profile.py", tmp_path, 180, args=[f"--variants={','.join(variants)}"])
   assert [r["variant"] for r in results["results"]] == variants
+  failed = results["results"].pop(1)
+  assert "error" in failed and "model.impl must be one of" in failed["error"]
   pallas = results["results"][2]  # Interpreted here: its kernels' ops are pallas_lstm.py's.
   assert pallas["loss_max_abs_diff_vs_first"] < 1e-5
   assert any(r["source"].startswith("pallas_lstm.py") for r in pallas["profile"]["top"])
