@@ -19,14 +19,14 @@ Triton (Pallas' GPU backend here) needs power-of-2 array sizes, so the hidden si
 to Hp, each gate on its own (a gate is an Hp-wide block of the 4Hp gate axis), the batch B to
 Bp and the vocabulary V to Vp, all powers of two. The padding stays exactly zero: zero weights
 and inputs give a zero cell and hidden state, and zero gradients; padded batch rows get zero
-gradients. Off a GPU the kernels run in Pallas' interpreter: slow, for
-tests and small runs.
+gradients. Off a GPU the kernels run in Pallas' interpreter: slow, for tests and small runs.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax.experimental import pallas as pl
 
 NUM_GATES = 4  # i, f, g, o: nn.OptimizedLSTMCell's order, as research/lstm.py.
@@ -228,6 +228,18 @@ def _call(kernel, lookup: bool, out_shape, interpret, *args):
 # ----------------------------------------------------------------------------- the VJPs
 
 
+@struct.dataclass
+class _Residuals:
+  """What the backward kernel reads besides dh: the forward's padded inputs and its h and c."""
+
+  inputs: tuple  # The kernels' input refs: (x T x Bp x 4Hp,) or (tokens T x Bp, table Vp x 4Hp).
+  w_Hpx4Hp: jax.Array
+  b_1x4Hp: jax.Array
+  h_TxBpxHp: jax.Array
+  c_TxBpxHp: jax.Array
+  vocab: int = struct.field(pytree_node=False, default=0)  # The table's V, before padding.
+
+
 def _forward(kernel_h_Hx4H, bias_4H, inputs: tuple, lookup: bool, batch: int, interpret):
   """Both entry points' forward on padded inputs: (h T x B x H, the backward's residuals)."""
   if kernel_h_Hx4H.dtype != jnp.float32:
@@ -241,33 +253,39 @@ def _forward(kernel_h_Hx4H, bias_4H, inputs: tuple, lookup: bool, batch: int, in
   h_TxBpxHp, c_TxBpxHp = _call(
     _forward_kernel, lookup, (state, state), interpret, *inputs, w_Hpx4Hp, b_1x4Hp
   )
-  residuals = (inputs, w_Hpx4Hp, b_1x4Hp, h_TxBpxHp, c_TxBpxHp)
+  residuals = _Residuals(inputs, w_Hpx4Hp, b_1x4Hp, h_TxBpxHp, c_TxBpxHp)
   return h_TxBpxHp[:, :batch, :hidden], residuals
 
 
-def _backward(lookup: bool, residuals, dh_TxBxH, interpret):
-  """(d input as the kernels hold it, dkernel_h H x 4H, dbias 4H)."""
-  inputs, w_Hpx4Hp, b_1x4Hp, h_TxBpxHp, c_TxBpxHp = residuals
-  hidden, padded, padded_batch = dh_TxBxH.shape[2], h_TxBpxHp.shape[2], h_TxBpxHp.shape[1]
+def _backward(lookup: bool, res: _Residuals, dh_TxBxH, interpret):
+  """(the input's gradient, unpadded: T x B x 4H, or the table's V x 4H; dkernel_h H x 4H;
+  dbias 4H)."""
+  _, batch, hidden = dh_TxBxH.shape
+  padded_batch, padded = res.h_TxBpxHp.shape[1:]
   dh_TxBpxHp = _pad_axis(_pad_axis(dh_TxBxH, 2, padded), 1, padded_batch)
-  dx_shape = inputs[-1].shape  # The T x Bp x 4Hp input, or the Vp x 4Hp table.
+  dx_shape = res.inputs[-1].shape  # The T x Bp x 4Hp input, or the Vp x 4Hp table.
   out_shape = tuple(
-    jax.ShapeDtypeStruct(s, jnp.float32) for s in (dx_shape, w_Hpx4Hp.shape, b_1x4Hp.shape)
+    jax.ShapeDtypeStruct(shape, jnp.float32)
+    for shape in (dx_shape, res.w_Hpx4Hp.shape, res.b_1x4Hp.shape)
   )
   dx, dw_Hpx4Hp, db_1x4Hp = _call(
     _backward_kernel,
     lookup,
     out_shape,
     interpret,
-    *inputs,
-    w_Hpx4Hp,
-    b_1x4Hp,
-    h_TxBpxHp,
-    c_TxBpxHp,
+    *res.inputs,
+    res.w_Hpx4Hp,
+    res.b_1x4Hp,
+    res.h_TxBpxHp,
+    res.c_TxBpxHp,
     dh_TxBpxHp,
   )
-  dkernel_h = _unpad_gates(dw_Hpx4Hp[:hidden], hidden, padded)
-  return dx, dkernel_h, _unpad_gates(db_1x4Hp[0], hidden, padded)
+  dx = dx[: res.vocab] if lookup else dx[:, :batch]
+  return (
+    _unpad_gates(dx, hidden, padded),
+    _unpad_gates(dw_Hpx4Hp[:hidden], hidden, padded),
+    _unpad_gates(db_1x4Hp[0], hidden, padded),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -288,10 +306,8 @@ def _recurrence_fwd(kernel_h_Hx4H, bias_4H, xproj_TxBx4H, interpret):
 
 
 def _recurrence_bwd(interpret, residuals, dh_TxBxH):
-  dx_TxBpx4Hp, dkernel_h, dbias = _backward(False, residuals, dh_TxBxH, interpret)
-  hidden, padded = dh_TxBxH.shape[2], residuals[1].shape[0]
-  dxproj = _unpad_gates(dx_TxBpx4Hp[:, : dh_TxBxH.shape[1]], hidden, padded)
-  return dkernel_h, dbias, dxproj
+  dxproj_TxBx4H, dkernel_h, dbias = _backward(False, residuals, dh_TxBxH, interpret)
+  return dkernel_h, dbias, dxproj_TxBx4H
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -318,14 +334,12 @@ def _lookup_fwd(kernel_h_Hx4H, bias_4H, xtable_Vx4H, tokens_TxB, interpret):
   tokens_TxBp = _pad_axis(tokens_TxB.astype(jnp.int32), 1, _pow2(batch))
   inputs = (tokens_TxBp, table_Vpx4Hp)
   h_TxBxH, residuals = _forward(kernel_h_Hx4H, bias_4H, inputs, True, batch, interpret)
-  return h_TxBxH, (residuals, vocab)
+  return h_TxBxH, residuals.replace(vocab=vocab)
 
 
-def _lookup_bwd(interpret, residuals_and_vocab, dh_TxBxH):
-  residuals, vocab = residuals_and_vocab
-  dtable_Vpx4Hp, dkernel_h, dbias = _backward(True, residuals, dh_TxBxH, interpret)
-  hidden, padded = dh_TxBxH.shape[2], residuals[1].shape[0]
-  return dkernel_h, dbias, _unpad_gates(dtable_Vpx4Hp[:vocab], hidden, padded), None
+def _lookup_bwd(interpret, residuals, dh_TxBxH):
+  dtable_Vx4H, dkernel_h, dbias = _backward(True, residuals, dh_TxBxH, interpret)
+  return dkernel_h, dbias, dtable_Vx4H, None
 
 
 lookup_recurrence.defvjp(_lookup_fwd, _lookup_bwd)
