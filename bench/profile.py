@@ -54,8 +54,9 @@ flags.DEFINE_integer("repeats", 3, "Timed calls per variant (the median is repor
 flags.DEFINE_list(
   "variants",
   ["fused", "fused:tf32"],
-  "impl[:tf32|:bf16][:unrollK][:warpsN]: model.impl, model.matmul_precision (float32 unless "
-  "named), model.unroll, and for impl pallas the kernels' Triton warps.",
+  "impl[:tf32|:bf16][:unrollK][:warpsN][:x3]: model.impl, model.matmul_precision (float32 "
+  "unless named), model.unroll, and for impl pallas the kernels' Triton warps and float32 dots "
+  "as three tf32 passes.",
 )
 flags.DEFINE_integer("top", 25, "Rows of the per-instruction table.")
 flags.DEFINE_bool("trace", True, "Profile one call per variant (else only time them).")
@@ -72,32 +73,37 @@ class Variant:
   unroll: int
   precision: str  # model.matmul_precision.
   warps: int = 0  # "pallas" only: pallas_lstm.NUM_WARPS while compiling (0: its default).
+  x3: bool = False  # "pallas" only: its float32 dots as three tf32 passes (FLOAT32_DOT).
 
 
 def parse_variant(text: str) -> Variant:
   impl, *opts = text.split(":")
-  unroll, precision, warps = 0, "float32", 0
+  unroll, precision, warps, x3 = 0, "float32", 0, False
   for opt in opts:
     if opt.startswith("unroll"):
       unroll = int(opt[len("unroll") :])
     elif opt.startswith("warps") and impl == "pallas":
       warps = int(opt[len("warps") :])
+    elif opt == "x3" and impl == "pallas":
+      x3 = True
     elif opt in PRECISIONS:
       precision = PRECISIONS[opt]
     else:
       raise app.UsageError(f"unknown variant option {opt!r} in {text!r}")
-  return Variant(text, impl, unroll, precision, warps)
+  return Variant(text, impl, unroll, precision, warps, x3)
 
 
 @contextlib.contextmanager
-def warps(count: int):
-  """The Pallas kernels traced with `count` Triton warps a program (0: the default)."""
-  default = pallas_lstm.NUM_WARPS
-  pallas_lstm.NUM_WARPS = count or default
+def kernel_options(variant: Variant):
+  """The Pallas kernels traced with the variant's Triton warps and float32 dot algorithm."""
+  warps, dot = pallas_lstm.NUM_WARPS, pallas_lstm.FLOAT32_DOT
+  pallas_lstm.NUM_WARPS = variant.warps or warps
+  if variant.x3:
+    pallas_lstm.FLOAT32_DOT = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
   try:
     yield
   finally:
-    pallas_lstm.NUM_WARPS = default
+    pallas_lstm.NUM_WARPS, pallas_lstm.FLOAT32_DOT = warps, dot
 
 
 def scenario_config(variant: Variant, epochs: int):
@@ -326,7 +332,7 @@ def measure(variant: Variant, dataset, state0, n: int, epochs: int, steps: int, 
   config = scenario_config(variant, epochs).config
   progs = programs.build(config, dataset, ())
   t0 = time.perf_counter()
-  with warps(variant.warps):
+  with kernel_options(variant):
     compiled = progs.epochs_program(epochs).lower(state0).compile()
   compile_s = time.perf_counter() - t0
   state = jax.tree_util.tree_map(jnp.copy, state0)

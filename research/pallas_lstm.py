@@ -37,21 +37,24 @@ NUM_WARPS = 4
 # Vp x Bp @ Bp x Hp a gate and step.
 MAX_LOOKUP_VOCAB = 128
 EXACT = jax.lax.Precision.HIGHEST  # The one-hot product (a scatter-add): IEEE float32.
+# The float32 dots on a GPU: IEEE float32 (FMA, no tensor cores). bench/profile.py's "pallas:x3"
+# variants time TF32_TF32_F32_X3 (three tf32 tensor-core passes, close to float32) instead.
+FLOAT32_DOT = EXACT
 
 
 def _pow2(n: int) -> int:
   return max(1 << max(n - 1, 0).bit_length(), 16)  # Triton's dots need sides >= 16.
 
 
-def _dot_precision():
+def _dot_precision(interpret: bool = False):
   """The kernels' matmul precision, from jax.default_matmul_precision as the study sets it
-  (programs.at_precision): exact float32 unless a reduced precision is asked for."""
+  (programs.at_precision): float32 unless a reduced precision is asked for."""
   name = jax.config.jax_default_matmul_precision
   if name in ("tensorfloat32", "high", "default"):
     return jax.lax.Precision.HIGH  # Triton's tf32 dot.
   if name in ("bfloat16", "fastest"):
     return jax.lax.DotAlgorithmPreset.BF16_BF16_F32
-  return EXACT
+  return EXACT if interpret else FLOAT32_DOT  # A CPU has no tf32 passes.
 
 
 def _dot(a, b, precision, trans_a=False, trans_b=False):
@@ -216,7 +219,9 @@ def _call(kernel, lookup: bool, out_shape, interpret, *args):
 
     params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
   return pl.pallas_call(
-    functools.partial(kernel, lookup=lookup, precision=_dot_precision(), compiled=not interpret),
+    functools.partial(
+      kernel, lookup=lookup, precision=_dot_precision(interpret), compiled=not interpret
+    ),
     out_shape=out_shape,
     interpret=interpret,
     # Triton rather than Mosaic GPU (the default in some jax versions): float32 dots.

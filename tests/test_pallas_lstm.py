@@ -125,6 +125,25 @@ def test_lowers_to_triton_kernels_for_a_gpu_from_any_host(monkeypatch, lookup):
   assert "debug_barrier" in text
 
 
+def test_float32_dots_as_three_tf32_passes_lower_for_a_gpu_and_stay_exact_interpreted(
+  monkeypatch,
+):
+  """bench/profile.py's pallas:x3: the kernels' float32 dots as TF32_TF32_F32_X3 lower for
+  CUDA; in the interpreter (a CPU has no tf32) they stay IEEE float32."""
+  x3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  monkeypatch.setattr(pallas_lstm, "FLOAT32_DOT", x3)
+  with jax.default_matmul_precision("float32"):
+    assert pallas_lstm._dot_precision() == x3
+    assert pallas_lstm._dot_precision(interpret=True) == jax.lax.Precision.HIGHEST
+    args, tokens_TxB, weights_TxBxH = lookup_problem(3, 50, 32, 26)
+    compiled = functools.partial(
+      pallas_lstm.lookup_recurrence, tokens_TxB=tokens_TxB, interpret=False
+    )
+    grads = jax.grad(loss(compiled, weights_TxBxH), argnums=(0, 1, 2))
+    text = jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
+
+
 @pytest.mark.parametrize(
   ("name", "expected"),
   [
