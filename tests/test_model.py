@@ -60,22 +60,24 @@ def test_pallas_impl_is_the_fused_model_with_kernels_in_training():
     np.testing.assert_array_equal(a, b)
   tokens_BxT = jax.random.randint(jax.random.key(0), (6, 5), 0, 12)
   lengths_B = jnp.asarray([1, 2, 3, 4, 5, 5])
+
+  def infer(m):
+    return jax.jit(lambda p: m.apply({"params": p}, tokens_BxT, lengths_B=lengths_B))
+
+  def loss_and_grads(m):
+    def loss(p):
+      logits = m.apply({"params": p}, tokens_BxT, 0.3, jax.random.key(2), lengths_B)
+      return jnp.sum(logits**2)
+
+    return jax.jit(jax.value_and_grad(loss))
+
   with jax.default_matmul_precision("float32"):
-    np.testing.assert_array_equal(
-      pallas.apply({"params": params}, tokens_BxT, lengths_B=lengths_B),
-      fused.apply({"params": params}, tokens_BxT, lengths_B=lengths_B),
+    np.testing.assert_array_equal(infer(pallas)(params), infer(fused)(params))
+    (value, grads), (fused_value, fused_grads) = (
+      loss_and_grads(m)(params) for m in (pallas, fused)
     )
-
-    def loss(m):
-      def fn(p):
-        logits = m.apply({"params": p}, tokens_BxT, 0.3, jax.random.key(2), lengths_B)
-        return jnp.sum(logits**2)
-
-      return fn
-
-    tol = 1e-5 * rounding_slack()
-    np.testing.assert_allclose(loss(pallas)(params), loss(fused)(params), rtol=tol)
-    grads, fused_grads = jax.grad(loss(pallas))(params), jax.grad(loss(fused))(params)
+  tol = 1e-5 * rounding_slack()
+  np.testing.assert_allclose(value, fused_value, rtol=tol)
   for a, b in zip(*map(jax.tree_util.tree_leaves, (grads, fused_grads)), strict=True):
     np.testing.assert_allclose(a, b, rtol=10 * tol, atol=tol)
 
