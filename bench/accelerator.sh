@@ -56,7 +56,7 @@ timed bench $py bench/throughput.py --seeds=1024,8192,32768 --repeats=3 --loop_s
 # beside the fused recurrence (their losses compared), then the blog study with them, its
 # per-seed arrays compared with blog_cold's (warm cache but for the new train programs).
 timed pallas $py bench/profile.py --seeds=32768 \
-  --variants=fused,pallas,pallas:x3,pallas:warps8,pallas:tf32 \
+  --variants=fused,pallas,pallas:x3,pallas:gates,pallas:warps8,pallas:tf32 \
   --out="$out/pallas.json"
 timed blog_pallas $py run.py --config=configs/blog.py --workdir="$out/blog_pallas" \
   --config.model.impl=pallas

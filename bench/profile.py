@@ -54,9 +54,9 @@ flags.DEFINE_integer("repeats", 3, "Timed calls per variant (the median is repor
 flags.DEFINE_list(
   "variants",
   ["fused", "fused:tf32"],
-  "impl[:tf32|:bf16][:unrollK][:warpsN][:x3]: model.impl, model.matmul_precision (float32 "
-  "unless named), model.unroll, and for impl pallas the kernels' Triton warps and float32 dots "
-  "as three tf32 passes.",
+  "impl[:tf32|:bf16][:unrollK][:warpsN][:x3][:gates]: model.impl, model.matmul_precision "
+  "(float32 unless named), model.unroll, and for impl pallas the kernels' Triton warps, float32 "
+  "dots as three tf32 passes, and gates kept for the backward.",
 )
 flags.DEFINE_integer("top", 25, "Rows of the per-instruction table.")
 flags.DEFINE_bool("trace", True, "Profile one call per variant (else only time them).")
@@ -74,11 +74,12 @@ class Variant:
   precision: str  # model.matmul_precision.
   warps: int = 0  # "pallas" only: pallas_lstm.NUM_WARPS while compiling (0: its default).
   x3: bool = False  # "pallas" only: its float32 dots as three tf32 passes (FLOAT32_DOT).
+  gates: bool = False  # "pallas" only: the forward keeps the gates (STORE_GATES).
 
 
 def parse_variant(text: str) -> Variant:
   impl, *opts = text.split(":")
-  unroll, precision, warps, x3 = 0, "float32", 0, False
+  unroll, precision, warps, x3, gates = 0, "float32", 0, False, False
   for opt in opts:
     if opt.startswith("unroll"):
       unroll = int(opt[len("unroll") :])
@@ -86,24 +87,28 @@ def parse_variant(text: str) -> Variant:
       warps = int(opt[len("warps") :])
     elif opt == "x3" and impl == "pallas":
       x3 = True
+    elif opt == "gates" and impl == "pallas":
+      gates = True
     elif opt in PRECISIONS:
       precision = PRECISIONS[opt]
     else:
       raise app.UsageError(f"unknown variant option {opt!r} in {text!r}")
-  return Variant(text, impl, unroll, precision, warps, x3)
+  return Variant(text, impl, unroll, precision, warps, x3, gates)
 
 
 @contextlib.contextmanager
 def kernel_options(variant: Variant):
-  """The Pallas kernels traced with the variant's Triton warps and float32 dot algorithm."""
-  warps, dot = pallas_lstm.NUM_WARPS, pallas_lstm.FLOAT32_DOT
-  pallas_lstm.NUM_WARPS = variant.warps or warps
+  """The Pallas kernels traced with the variant's Triton warps, float32 dot algorithm and
+  gate storage."""
+  saved = pallas_lstm.NUM_WARPS, pallas_lstm.FLOAT32_DOT, pallas_lstm.STORE_GATES
+  pallas_lstm.NUM_WARPS = variant.warps or saved[0]
   if variant.x3:
     pallas_lstm.FLOAT32_DOT = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  pallas_lstm.STORE_GATES = variant.gates or saved[2]
   try:
     yield
   finally:
-    pallas_lstm.NUM_WARPS, pallas_lstm.FLOAT32_DOT = warps, dot
+    pallas_lstm.NUM_WARPS, pallas_lstm.FLOAT32_DOT, pallas_lstm.STORE_GATES = saved
 
 
 def scenario_config(variant: Variant, epochs: int):

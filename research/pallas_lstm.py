@@ -40,6 +40,10 @@ EXACT = jax.lax.Precision.HIGHEST  # The one-hot product (a scatter-add): IEEE f
 # The float32 dots on a GPU: IEEE float32 (FMA, no tensor cores). bench/profile.py's "pallas:x3"
 # variants time TF32_TF32_F32_X3 (three tf32 tensor-core passes, close to float32) instead.
 FLOAT32_DOT = EXACT
+# Whether the forward also writes the activated gates for the backward (T x Bp x 4Hp a seed)
+# instead of the backward recomputing them (a forward product a step): memory against FLOPs,
+# timed by bench/profile.py's "pallas:gates" variants.
+STORE_GATES = False
 
 
 def _pow2(n: int) -> int:
@@ -124,31 +128,42 @@ def _activations(x_gates, h_prev, w_ref, b_ref, padded: int, precision):
   return acts
 
 
-def _forward_kernel(*refs, lookup: bool, precision, compiled: bool):
+def _forward_kernel(*refs, lookup: bool, precision, compiled: bool, store_gates: bool):
   """One seed from a zero carry: h and the cell at every step, T x Bp x Hp each.
 
-  refs: the input's refs (_Input), w Hp x 4Hp, b 1 x 4Hp; out: h, c.
+  refs: the input's refs (_Input), w Hp x 4Hp, b 1 x 4Hp; out: h, c (and with store_gates the
+  activated gates, T x Bp x 4Hp).
   """
   del compiled  # Nothing is read back.
-  *input_refs, w_ref, b_ref, h_ref, c_ref = refs
+  gates_ref = refs[-1] if store_gates else None
+  *input_refs, w_ref, b_ref, h_ref, c_ref = refs[:-1] if store_gates else refs
   steps, _, padded = h_ref.shape
   x = _Input(input_refs, lookup, padded)
   h_BpxHp = c_BpxHp = None
   for t in range(steps):  # T is small (the context length): unrolled.
-    i, f, g, o = _activations(x.gates(t), h_BpxHp, w_ref, b_ref, padded, precision)
+    acts = _activations(x.gates(t), h_BpxHp, w_ref, b_ref, padded, precision)
+    i, f, g, o = acts
     c_BpxHp = i * g if c_BpxHp is None else f * c_BpxHp + i * g
     h_BpxHp = o * jnp.tanh(c_BpxHp)
     c_ref[t] = c_BpxHp
     h_ref[t] = h_BpxHp
+    for k, act in enumerate(acts if store_gates else ()):
+      gates_ref[t, :, pl.ds(k * padded, padded)] = act
 
 
-def _backward_kernel(*refs, lookup: bool, precision, compiled: bool):
+def _backward_kernel(*refs, lookup: bool, precision, compiled: bool, store_gates: bool):
   """One seed's backward, given dh T x Bp x Hp: the input's gradient (T x Bp x 4Hp, or the
   table's Vp x 4Hp), dW_h Hp x 4Hp and the bias's 1 x 4Hp.
 
-  lstm._loop_bwd's steps; each step's gates are recomputed from the forward's h_{t-1} and x_t.
+  lstm._loop_bwd's steps; each step's gates are read (store_gates) or recomputed from the
+  forward's h_{t-1} and x_t.
   """
-  *input_refs, w_ref, b_ref, h_ref, c_ref, dh_ref, dx_ref, dw_ref, db_ref = refs
+  inputs = 2 if lookup else 1
+  input_refs, (w_ref, b_ref, h_ref, c_ref, *gates), (dh_ref, dx_ref, dw_ref, db_ref) = (
+    refs[:inputs],
+    refs[inputs:-4],
+    refs[-4:],
+  )
   steps, _, padded = h_ref.shape
   x = _Input(input_refs, lookup, padded)
   for ref in (dw_ref, db_ref) + ((dx_ref,) if lookup else ()):
@@ -157,7 +172,10 @@ def _backward_kernel(*refs, lookup: bool, precision, compiled: bool):
   dh_next = dc_next = None
   for t in reversed(range(steps)):
     h_prev = h_ref[t - 1] if t > 0 else None
-    i, f, g, o = _activations(x.gates(t), h_prev, w_ref, b_ref, padded, precision)
+    if store_gates:
+      i, f, g, o = (_gate(gates[0], k, padded, t, slice(None)) for k in range(NUM_GATES))
+    else:
+      i, f, g, o = _activations(x.gates(t), h_prev, w_ref, b_ref, padded, precision)
     tanh_c = jnp.tanh(c_ref[t])
     dh = dh_ref[t] if dh_next is None else dh_ref[t] + dh_next
     dc = dh * o * (1.0 - tanh_c * tanh_c)
@@ -209,7 +227,7 @@ def _pad_axis(x, axis: int, size: int):
   return jnp.pad(x, widths)
 
 
-def _call(kernel, lookup: bool, out_shape, interpret, *args):
+def _call(kernel, lookup: bool, store_gates: bool, out_shape, interpret, *args):
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   params = None
@@ -220,7 +238,11 @@ def _call(kernel, lookup: bool, out_shape, interpret, *args):
     params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
   return pl.pallas_call(
     functools.partial(
-      kernel, lookup=lookup, precision=_dot_precision(interpret), compiled=not interpret
+      kernel,
+      lookup=lookup,
+      precision=_dot_precision(interpret),
+      compiled=not interpret,
+      store_gates=store_gates,
     ),
     out_shape=out_shape,
     interpret=interpret,
@@ -242,6 +264,7 @@ class _Residuals:
   b_1x4Hp: jax.Array
   h_TxBpxHp: jax.Array
   c_TxBpxHp: jax.Array
+  gates_TxBpx4Hp: jax.Array | None = None  # With STORE_GATES.
   vocab: int = struct.field(pytree_node=False, default=0)  # The table's V, before padding.
 
 
@@ -255,10 +278,13 @@ def _forward(kernel_h_Hx4H, bias_4H, inputs: tuple, lookup: bool, batch: int, in
   b_1x4Hp = _pad_gates(bias_4H, hidden, padded)[None]
   steps, padded_batch = inputs[0].shape[:2]
   state = jax.ShapeDtypeStruct((steps, padded_batch, padded), jnp.float32)
-  h_TxBpxHp, c_TxBpxHp = _call(
-    _forward_kernel, lookup, (state, state), interpret, *inputs, w_Hpx4Hp, b_1x4Hp
+  gates = jax.ShapeDtypeStruct((steps, padded_batch, NUM_GATES * padded), jnp.float32)
+  out_shape = (state, state, gates) if STORE_GATES else (state, state)
+  outs = _call(
+    _forward_kernel, lookup, STORE_GATES, out_shape, interpret, *inputs, w_Hpx4Hp, b_1x4Hp
   )
-  residuals = _Residuals(inputs, w_Hpx4Hp, b_1x4Hp, h_TxBpxHp, c_TxBpxHp)
+  h_TxBpxHp = outs[0]
+  residuals = _Residuals(inputs, w_Hpx4Hp, b_1x4Hp, *outs)
   return h_TxBpxHp[:, :batch, :hidden], residuals
 
 
@@ -273,9 +299,11 @@ def _backward(lookup: bool, res: _Residuals, dh_TxBxH, interpret):
     jax.ShapeDtypeStruct(shape, jnp.float32)
     for shape in (dx_shape, res.w_Hpx4Hp.shape, res.b_1x4Hp.shape)
   )
+  gates = () if res.gates_TxBpx4Hp is None else (res.gates_TxBpx4Hp,)
   dx, dw_Hpx4Hp, db_1x4Hp = _call(
     _backward_kernel,
     lookup,
+    bool(gates),
     out_shape,
     interpret,
     *res.inputs,
@@ -283,6 +311,7 @@ def _backward(lookup: bool, res: _Residuals, dh_TxBxH, interpret):
     res.b_1x4Hp,
     res.h_TxBpxHp,
     res.c_TxBpxHp,
+    *gates,
     dh_TxBpxHp,
   )
   dx = dx[: res.vocab] if lookup else dx[:, :batch]

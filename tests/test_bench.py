@@ -130,7 +130,7 @@ def test_quick_compile_time_bench_times_each_stage(tmp_path):
 @pytest.mark.slow
 def test_quick_profile_sums_kernel_time_by_source_line(tmp_path):
   # "nope" fails (no such model.impl): recorded with its error, the other variants measured.
-  variants = ["fused", "nope", "fused:tf32", "pallas:warps8"]
+  variants = ["fused", "nope", "fused:tf32", "pallas:warps8:gates"]
   results = run_quick("profile.py", tmp_path, 180, args=[f"--variants={','.join(variants)}"])
   assert [r["variant"] for r in results["results"]] == variants
   failed = results["results"].pop(1)

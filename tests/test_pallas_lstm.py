@@ -125,6 +125,32 @@ def test_lowers_to_triton_kernels_for_a_gpu_from_any_host(monkeypatch, lookup):
   assert "debug_barrier" in text
 
 
+@pytest.mark.parametrize("lookup", [False, True])
+def test_kept_gates_give_the_recomputed_gates_results(monkeypatch, lookup):
+  """bench/profile.py's pallas:gates: the forward writes the gates, the backward reads them
+  rather than recomputing them; the same values and gradients, and it lowers for CUDA."""
+  args, tokens_TxB, weights_TxBxH = lookup_problem(3, 50, 32, 26)
+  if lookup:
+    recurrence = functools.partial(pallas_lstm.lookup_recurrence, tokens_TxB=tokens_TxB)
+  else:
+    args = random_problem(3, 50, 32)[0]
+    recurrence = pallas_lstm.lstm_recurrence
+  with jax.default_matmul_precision("float32"):
+    recomputed = values_and_grads(recurrence, weights_TxBxH)(*args)
+    monkeypatch.setattr(pallas_lstm, "STORE_GATES", True)
+    kept = values_and_grads(recurrence, weights_TxBxH)(*args)
+    compiled = functools.partial(recurrence, interpret=False)
+    grads = jax.grad(loss(compiled, weights_TxBxH), argnums=(0, 1, 2))
+    text = jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    forward = pallas_lstm._lookup_fwd if lookup else pallas_lstm._recurrence_fwd
+    extra = (tokens_TxB,) if lookup else ()
+    _, residuals = jax.eval_shape(lambda *a: forward(*a, *extra, None), *args)
+  assert residuals.gates_TxBpx4Hp.shape == (3, 32, 256)  # Kept: T x Bp x 4Hp.
+  for a, b in zip(*map(jax.tree_util.tree_leaves, (kept, recomputed)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * rounding_slack())
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
+
+
 def test_float32_dots_as_three_tf32_passes_lower_for_a_gpu_and_stay_exact_interpreted(
   monkeypatch,
 ):
