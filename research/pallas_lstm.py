@@ -4,8 +4,9 @@ its T backward steps in another.
 The same math as lstm.lstm_recurrence (tests/test_pallas_lstm.py). Why: at tens of thousands
 of seeds on a GPU, XLA runs each step as batched 32x50 @ 50x200 matmuls plus elementwise
 kernels, every gate and gradient through memory. Here a seed's gates, cell and hidden state
-stay on chip for all T steps; the forward keeps only h and the cell for the backward, which
-recomputes the gates; dW_h and the bias gradient are summed on chip. Under vmap each seed is
+stay on chip for all T steps; the forward keeps h and the cell for the backward, which
+recomputes the gates (or reads them: STORE_GATES); dW_h and the bias gradient are summed on
+chip. Under vmap each seed is
 one program of the kernels' grid (Pallas' batching rule), so the study's vmapped train program
 needs no change.
 
@@ -158,14 +159,11 @@ def _backward_kernel(*refs, lookup: bool, precision, compiled: bool, store_gates
   lstm._loop_bwd's steps; each step's gates are read (store_gates) or recomputed from the
   forward's h_{t-1} and x_t.
   """
-  inputs = 2 if lookup else 1
-  input_refs, (w_ref, b_ref, h_ref, c_ref, *gates), (dh_ref, dx_ref, dw_ref, db_ref) = (
-    refs[:inputs],
-    refs[inputs:-4],
-    refs[-4:],
-  )
+  inputs = 2 if lookup else 1  # The input's refs (_Input), then the forward's and dh.
+  w_ref, b_ref, h_ref, c_ref, *gates = refs[inputs:-4]
+  dh_ref, dx_ref, dw_ref, db_ref = refs[-4:]
   steps, _, padded = h_ref.shape
-  x = _Input(input_refs, lookup, padded)
+  x = _Input(refs[:inputs], lookup, padded)
   for ref in (dw_ref, db_ref) + ((dx_ref,) if lookup else ()):
     ref[...] = jnp.zeros(ref.shape, jnp.float32)
   _barrier(compiled)
