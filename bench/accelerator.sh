@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One command for a GPU (or TPU) machine: the blog study cold and warm, the throughput bench at
-# 1k/8k/32k seeds, the Pallas LSTM kernels (model.impl="pallas") against the fused recurrence:
-# the train step at 32k seeds and the blog study, the blog study twice more with XLA's deterministic GPU ops (comparing the
-# per-seed arrays of each pair), cold with all of JAX's XLA caches, cold with JAX's threefry
-# GPU kernel and cold without XLA's autotuning (three ways to compile faster), the fast test
-# tier, the train step's profile at 32k seeds, the slow test tier, and the full-size runs of
-# bench/scale.py that a 2-core CPU cannot finish (the word run at V = 20 001 and the blog study
-# at 100 000 seeds), in that order;
-# prints one table and writes bench/accelerator/.
+# 1k/8k/32k seeds, the Pallas LSTM kernels (model.impl="pallas") against the fused recurrence
+# (the train step at 32k seeds, then the blog study), the blog study twice more with XLA's
+# deterministic GPU ops (comparing the per-seed arrays of each pair), cold with all of JAX's
+# XLA caches, cold with JAX's threefry GPU kernel and cold without XLA's autotuning (three ways
+# to compile faster), the fast test tier, the train step's profile at 32k seeds, the slow test
+# tier, and the full-size runs of bench/scale.py that a 2-core CPU cannot finish (the word run
+# at V = 20 001 and the blog study at 100 000 seeds), in that order; prints one table and
+# writes bench/accelerator/.
 #
 #   bash bench/accelerator.sh            # from the repository root, with the package installed
 #   (pip install -e '.[cuda,test]'; the machine needs ml-collections and orbax-checkpoint too)
@@ -18,8 +18,7 @@
 # what is left, and a step that ran out shows exit 124 in the table; STEPS, the steps to run, in
 # the order they always run in (default: all of blog_cold blog_warm bench pallas blog_pallas
 # blog_det1 blog_det2 blog_xla_caches blog_threefry blog_autotune0 tests_fast profile tests_slow
-# scale), so a short
-# lease gets the headline figures first.
+# scale), so a short lease gets the headline figures first.
 # Timings name the device; compare figures only within one run of this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,8 +40,8 @@ timed() {  # timed NAME COMMAND...: wall seconds and exit code of COMMAND, its l
   echo "$name $((SECONDS - start)) $rc" >>"$out/times.txt"
 }
 : >"$out/times.txt"
-all_steps="blog_cold blog_warm bench pallas blog_pallas blog_det1 blog_det2 blog_xla_caches blog_threefry blog_autotune0"
-all_steps+=" tests_fast profile tests_slow scale"
+all_steps="blog_cold blog_warm bench pallas blog_pallas blog_det1 blog_det2 blog_xla_caches"
+all_steps+=" blog_threefry blog_autotune0 tests_fast profile tests_slow scale"
 steps=${STEPS:-$all_steps}
 blog() {  # blog NAME [VAR=VALUE...]: the blog study in $out/NAME (the table reads it there)
   local name=$1; shift

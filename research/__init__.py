@@ -8,7 +8,7 @@ Shape suffixes (nanodo style: `logits_BxV` is a batch x vocabulary array), one l
   H LSTM width (4H gates) I a layer's input width   R results rows
   A tail periods (0 none) G n-grams (of order n)    Dr, Lr dropout, learning-rate grid values
   Q evaluation points (epochs 0, k, 2k, ..., E)
-  Hp, Bp H and B padded to powers of 2 (research/pallas_lstm.py's GPU kernels)
+  Hp, Bp, Vp  H, B and V padded to powers of 2 (research/pallas_lstm.py's GPU kernels)
 """
 
 from research import platform as _platform
