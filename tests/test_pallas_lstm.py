@@ -101,17 +101,24 @@ def test_vmapped_seeds_equal_single_seeds():
         np.testing.assert_allclose(a[s], b, rtol=1e-6, atol=1e-6 * rounding_slack())
 
 
-@pytest.mark.parametrize("lookup", [False, True])
-def test_lowers_to_triton_kernels_for_a_gpu_from_any_host(monkeypatch, lookup):
-  """The vmapped forward and backward lower for CUDA (Triton's power-of-2 and dot-size rules
-  checked at lowering), as two kernels, without a GPU here."""
-  monkeypatch.setattr(pallas_lstm, "NUM_WARPS", 8)  # bench/profile.py's warpsN variants.
+def blog_shape_problem(lookup: bool):
+  """The blog's shape (T 3, H 50, B 32, V 26) for either entry point: (args, tokens, loss
+  weights, the recurrence taking args)."""
   args, tokens_TxB, weights_TxBxH = lookup_problem(3, 50, 32, 26)
   if lookup:
     recurrence = functools.partial(pallas_lstm.lookup_recurrence, tokens_TxB=tokens_TxB)
   else:
     args = random_problem(3, 50, 32)[0]
     recurrence = pallas_lstm.lstm_recurrence
+  return args, tokens_TxB, weights_TxBxH, recurrence
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_lowers_to_triton_kernels_for_a_gpu_from_any_host(monkeypatch, lookup):
+  """The vmapped forward and backward lower for CUDA (Triton's power-of-2 and dot-size rules
+  checked at lowering), as two kernels, without a GPU here."""
+  monkeypatch.setattr(pallas_lstm, "NUM_WARPS", 8)  # bench/profile.py's warpsN variants.
+  args, tokens_TxB, weights_TxBxH, recurrence = blog_shape_problem(lookup)
   args_S = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), args)
   compiled = functools.partial(recurrence, interpret=False)
   grads = jax.vmap(jax.grad(loss(compiled, weights_TxBxH), argnums=(0, 1, 2)))
@@ -129,12 +136,7 @@ def test_lowers_to_triton_kernels_for_a_gpu_from_any_host(monkeypatch, lookup):
 def test_kept_gates_give_the_recomputed_gates_results(monkeypatch, lookup):
   """bench/profile.py's pallas:gates: the forward writes the gates, the backward reads them
   rather than recomputing them; the same values and gradients, and it lowers for CUDA."""
-  args, tokens_TxB, weights_TxBxH = lookup_problem(3, 50, 32, 26)
-  if lookup:
-    recurrence = functools.partial(pallas_lstm.lookup_recurrence, tokens_TxB=tokens_TxB)
-  else:
-    args = random_problem(3, 50, 32)[0]
-    recurrence = pallas_lstm.lstm_recurrence
+  args, tokens_TxB, weights_TxBxH, recurrence = blog_shape_problem(lookup)
   with jax.default_matmul_precision("float32"):
     recomputed = values_and_grads(recurrence, weights_TxBxH)(*args)
     monkeypatch.setattr(pallas_lstm, "STORE_GATES", True)
