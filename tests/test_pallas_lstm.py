@@ -19,7 +19,8 @@ def loss(fn, weights_TxBxH):
 
 
 def values_and_grads(recurrence, weights_TxBxH):
-  """jit of (h, d(sum(h * weights))/d(kernel_h, bias, xproj)): one program per shape."""
+  """jit of (h, the gradient of sum(h * weights) for the three float arguments): one program
+  per shape."""
 
   def fn(*args):
     grads = jax.grad(loss(recurrence, weights_TxBxH), argnums=(0, 1, 2))(*args)
