@@ -146,8 +146,10 @@ def window_recurrence(kernel_h_Hx4H, bias_4H, xtable_Vx4H, tokens_TxB):
   return jnp.stack(steps)
 
 
-def _step_bwd(dh, dc_next, i, f, g, o, c_prev, tanh_c):
-  """One step's d(pre-activations) Bx4H and dc, given dh and the next step's dc (or None)."""
+def gate_grads(dh, dc_next, i, f, g, o, c_prev, tanh_c):
+  """One step's d(pre-activations) per gate (di, df, dg, do), each BxH, and dc, given dh, the
+  next step's dc (or None), the activated gates, the previous cell (None at step 0) and
+  tanh(c). Also research/pallas_lstm.py's kernels' step."""
   dc = dh * o * (1.0 - tanh_c * tanh_c)
   dc = dc if dc_next is None else dc + dc_next
   # d(pre-activation) = d(activation) * sigmoid' (a(1 - a)) or tanh' (1 - a^2).
@@ -155,7 +157,13 @@ def _step_bwd(dh, dc_next, i, f, g, o, c_prev, tanh_c):
   df = jnp.zeros_like(dc) if c_prev is None else dc * c_prev * f * (1.0 - f)
   dg = dc * i * (1.0 - g * g)
   do = dh * tanh_c * o * (1.0 - o)
-  return jnp.concatenate([di, df, dg, do], axis=-1), dc
+  return (di, df, dg, do), dc
+
+
+def _step_bwd(dh, dc_next, i, f, g, o, c_prev, tanh_c):
+  """One step's d(pre-activations) Bx4H and dc, given dh and the next step's dc (or None)."""
+  da, dc = gate_grads(dh, dc_next, i, f, g, o, c_prev, tanh_c)
+  return jnp.concatenate(da, axis=-1), dc
 
 
 def _loop_bwd(kernel_h_T_4HxH, steps, dh_TxBxH):

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.experimental import pallas as pl
 
+from research import lstm
+
 NUM_GATES = 4  # i, f, g, o: nn.OptimizedLSTMCell's order, as research/lstm.py.
 # Triton warps per seed's program: 4 x 32 threads share a step's 32 x 64 blocks. Untuned;
 # bench/profile.py's "pallas:warpsN" variants time other counts.
@@ -174,16 +176,9 @@ def _backward_kernel(*refs, lookup: bool, precision, compiled: bool, store_gates
       i, f, g, o = (_gate(gates[0], k, padded, t, slice(None)) for k in range(NUM_GATES))
     else:
       i, f, g, o = _activations(x.gates(t), h_prev, w_ref, b_ref, padded, precision)
-    tanh_c = jnp.tanh(c_ref[t])
     dh = dh_ref[t] if dh_next is None else dh_ref[t] + dh_next
-    dc = dh * o * (1.0 - tanh_c * tanh_c)
-    dc = dc if dc_next is None else dc + dc_next
-    # d(pre-activation) = d(activation) * sigmoid' (a(1 - a)) or tanh' (1 - a^2).
-    di = dc * g * i * (1.0 - i)
-    df = jnp.zeros_like(dc) if t == 0 else dc * c_ref[t - 1] * f * (1.0 - f)
-    dg = dc * i * (1.0 - g * g)
-    do = dh * tanh_c * o * (1.0 - o)
-    da = (di, df, dg, do)
+    c_prev = c_ref[t - 1] if t > 0 else None
+    da, dc = lstm.gate_grads(dh, dc_next, i, f, g, o, c_prev, jnp.tanh(c_ref[t]))
     one_hot_BpxVp = x.one_hot(t) if lookup else None
     dh_next = None
     for k in range(NUM_GATES):
