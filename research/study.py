@@ -420,9 +420,11 @@ def epoch_bounds(config) -> list[int]:
 
 
 AHEAD_THREAD = "compile-ahead"
-# Below this many cores the compile thread and the main thread mostly take turns: on the
-# 2-core VM it won 5-10% of a one-process blog study cold, but slowed the cold test suite.
+# Below this many cores the compile threads and the main thread mostly take turns: on the
+# 2-core VM one thread won 5-10% of a one-process blog study cold, but slowed the cold tests.
 AHEAD_MIN_CORES = 4
+# At most this many programs compile at once: each XLA compile holds its own memory.
+AHEAD_MAX_THREADS = 8
 
 
 def _cores() -> int:
@@ -430,16 +432,73 @@ def _cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-# Group label -> set once the compile-ahead thread is done with the group's programs. The main
-# thread waits for it rather than compile the same program at the same time (twice the work).
-_READY: dict[str, threading.Event] = {}
+class _AheadCompiles:
+  """The compile-ahead threads' jobs. A job compiles one program and returns the jobs that
+  follow it (a later group's init: that group's other programs, which need init's output
+  shardings). A group's event is set once none of its jobs is left; the main thread waits for
+  it rather than compile the same program at the same time (twice the work)."""
+
+  def __init__(self, labels: list[str]):
+    self._cv = threading.Condition()
+    self._queue = collections.deque()  # (group label, job), in the order the study calls them.
+    self._left = dict.fromkeys(labels, 0)
+    self._running = 0
+    self._stopped = False
+    self.ready = {label: threading.Event() for label in labels}
+
+  def add(self, label: str, jobs: list) -> None:
+    with self._cv:
+      self._add(label, jobs, done=0)
+
+  def _add(self, label: str, jobs: list, done: int) -> None:
+    """Queues a group's new jobs and counts `done` of its jobs finished (under the lock)."""
+    if not self._stopped:
+      self._queue.extend((label, job) for job in jobs)
+      self._left[label] += len(jobs)
+    self._left[label] -= done
+    if self._left[label] <= 0:
+      self.ready[label].set()
+    self._cv.notify_all()
+
+  def stop(self) -> None:
+    """Drops the jobs not started (the study ended or failed); the running ones finish."""
+    with self._cv:
+      self._stopped = True
+      self._queue.clear()
+      for event in self.ready.values():
+        event.set()
+      self._cv.notify_all()
+
+  def work(self) -> None:
+    """A thread's loop: jobs until none is queued and none running can add more."""
+    while True:
+      with self._cv:
+        while not self._queue and self._running:
+          self._cv.wait()
+        if not self._queue:
+          return
+        label, job = self._queue.popleft()
+        self._running += 1
+      follow = []
+      try:
+        with _CLOCK.group(f"{label}, ahead"):
+          follow = job()
+      except Exception as e:  # noqa: BLE001  # Only time is lost: the calls compile it.
+        logging.info("compiling ahead: %s failed (%s: %s)", label, type(e).__name__, e)
+      with self._cv:
+        self._running -= 1
+        self._add(label, follow, done=1)  # Sets the group's event once nothing is left.
+
+
+_AHEAD: list[_AheadCompiles] = []  # The running study's, while its threads work.
 
 
 def _wait_ahead(group: "Group") -> None:
-  """Waits until the compile-ahead thread, if it has the group's programs, is done with them."""
-  ready = _READY.get(group.label)
-  if ready is not None:
-    ready.wait()
+  """Waits until the compile-ahead threads, if they have the group's programs, are done."""
+  for ahead in _AHEAD:
+    ready = ahead.ready.get(group.label)
+    if ready is not None:
+      ready.wait()
 
 
 def _cold(group: Group, since: int) -> bool:
@@ -452,49 +511,39 @@ def _cold(group: Group, since: int) -> bool:
 def _compile_ahead(
   group: Group, state, eval_seeds: int, later: list[Group], budget: int, since: int
 ) -> None:
-  """Compiles, in a background thread, the group's training calls and final evaluation while
-  the main thread compiles and runs the dynamics at epoch 0, then every program of the later
-  groups while this one trains. XLA's compile releases Python's lock, so the compiles overlap
-  the main thread's work; its calls then find the programs compiled in memory. Where it gets
-  to a group's programs first (its first training call; a later group's start), the main
-  thread waits for the thread (_wait_ahead) rather than compile them at the same time. Only
-  when the init program was compiled, not loaded from the cache (a warm run would only trace
-  and lower every program twice), for one process with AHEAD_MIN_CORES cores or more. since:
-  the compile clock's records before init's call."""
+  """Compiles, in background threads, the group's training calls and final evaluation while
+  the main thread compiles and runs the dynamics at epoch 0, and every program of the later
+  groups while this one trains: one program a thread, up to cores - 1 threads
+  (AHEAD_MAX_THREADS). XLA's compile releases Python's lock, so the compiles overlap each
+  other and the main thread's work; its calls then find the programs compiled in memory.
+  Where it gets to a group's programs first (its first training call; a later group's start),
+  the main thread waits for them (_wait_ahead). Only when the init program was compiled, not
+  loaded from the cache (a warm run would only trace and lower every program twice), for one
+  process with AHEAD_MIN_CORES cores or more. since: the compile clock's records before
+  init's call."""
   if not _cold(group, since) or jax.process_count() > 1 or _ahead_threads():
-    return  # Warm; several processes; or a thread already compiles ahead.
+    return  # Warm; several processes; or threads already compile ahead.
   if _cores() < AHEAD_MIN_CORES:
     return
-  # Not the arrays: training donates them while this thread still lowers.
+  # Not the arrays: training donates them while a thread still lowers.
   abstract = jax.tree_util.tree_map(lambda x: _abstract(x, x.sharding), state)
   float_dtype = jnp.zeros(()).dtype  # Read here: x64 is a thread-local setting too.
-  ready = {g.label: threading.Event() for g in (group, *later)}
-  _READY.update(ready)
-
-  def run():
-    try:
-      with _CLOCK.group(f"{group.label}, ahead"):
-        _compile_group(group, abstract, eval_seeds, with_dynamics=False)
-      ready[group.label].set()
-      for next_group in later:
-        with _CLOCK.group(f"{next_group.label}, ahead"):
-          _compile_later(next_group, budget, float_dtype)
-        ready[next_group.label].set()
-    except Exception as e:  # noqa: BLE001  # Only time is lost: the calls compile them.
-      logging.info("compiling ahead stopped (%s: %s)", type(e).__name__, e)
-    finally:
-      for event in ready.values():
-        event.set()  # Nothing more comes: the main thread compiles the rest.
-
-  threading.Thread(target=run, daemon=True, name=AHEAD_THREAD).start()
+  ahead = _AheadCompiles([g.label for g in (group, *later)])
+  ahead.add(group.label, _group_jobs(group, abstract, eval_seeds, with_dynamics=False))
+  for next_group in later:
+    ahead.add(next_group.label, [functools.partial(_init_job, next_group, budget, float_dtype)])
+  _AHEAD.append(ahead)
+  for _ in range(max(1, min(_cores() - 1, AHEAD_MAX_THREADS))):
+    threading.Thread(target=ahead.work, daemon=True, name=AHEAD_THREAD).start()
 
 
 def _abstract(x, sharding):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-def _compile_later(group: Group, budget: int, float_dtype) -> None:
-  """Compiles every program of a group that has not started, for its first chunk's shapes."""
+def _init_job(group: Group, budget: int, float_dtype) -> list:
+  """Compiles the init program of a group that has not started, for its first chunk's shapes;
+  returns the jobs of its other programs."""
   the_plan = plan(group, len(group.cells) * group.config.study.seeds, budget)
   sharding = NamedSharding(programs.mesh(), P("seeds"))
   chunk = the_plan.train_seeds
@@ -505,20 +554,24 @@ def _compile_later(group: Group, budget: int, float_dtype) -> None:
   init = group.programs.init.lower(*inputs).compile()
   shapes = jax.eval_shape(group.programs.init, *inputs)
   state = jax.tree_util.tree_map(_abstract, shapes, init.output_shardings)
-  _compile_group(group, state, the_plan.eval_seeds, with_dynamics=True)
+  return _group_jobs(group, state, the_plan.eval_seeds, with_dynamics=True)
 
 
-def _compile_group(group: Group, state, eval_seeds: int, with_dynamics: bool) -> None:
-  """Compiles the programs a chunk of `state`'s shape calls, in the order it calls them."""
+def _group_jobs(group: Group, state, eval_seeds: int, with_dynamics: bool) -> list:
+  """A job per program a chunk of `state`'s shape calls, in the order it calls them."""
   bounds = epoch_bounds(group.config)
   calls = list(dict.fromkeys(b - a for a, b in itertools.pairwise(bounds)))
   size = jax.tree_util.tree_leaves(state)[0].shape[0]
   whole = eval_seeds >= size  # Else evaluation runs on parts of the state, shaped otherwise.
   jobs = [group.programs.dynamics] if with_dynamics and whole else []
-  jobs += [group.programs.epochs_program(n) for n in calls]
+  jobs += [group.programs.epochs_program(n) for n in calls]  # Made here, once: one jit each.
   jobs += [group.programs.evaluate] if whole else []
-  for program in jobs:
+
+  def compile_one(program):
     program.lower(state).compile()
+    return []
+
+  return [functools.partial(compile_one, program) for program in jobs]
 
 
 @dataclasses.dataclass
@@ -754,9 +807,9 @@ def _ahead_threads() -> list[threading.Thread]:
 
 @contextlib.contextmanager
 def _joins_compiles_ahead():
-  """Waits for the compile-ahead thread when the study ends or stops on an error: Python
-  exiting while XLA compiles in another thread can crash the interpreter (on Ctrl-C run.py
-  leaves at once, without finalising)."""
+  """Stops the compile-ahead threads when the study ends or stops on an error, and waits for
+  the compiles they run: Python exiting while XLA compiles in another thread can crash the
+  interpreter (on Ctrl-C run.py leaves at once, without finalising)."""
   interrupted = False
   try:
     yield
@@ -764,7 +817,9 @@ def _joins_compiles_ahead():
     interrupted = True
     raise
   finally:
-    _READY.clear()
+    for ahead in _AHEAD:
+      ahead.stop()
+    _AHEAD.clear()
     for thread in [] if interrupted else _ahead_threads():
       thread.join()
 

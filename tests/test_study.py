@@ -1,10 +1,12 @@
 """Studies end to end, in process: outputs, grids, chunking, resume, divergence."""
 
+import functools
 import json
 import math
 import os
 import pathlib
 import re
+import threading
 import time
 
 import jax
@@ -154,13 +156,16 @@ def test_a_study_started_at_another_group_gives_the_same_results(tmp_path, monke
 def test_programs_compiled_ahead_give_the_same_results(tmp_path, monkeypatch):
   config = tiny_config()
   monkeypatch.setattr(study, "_cores", lambda: study.AHEAD_MIN_CORES)  # CI has 2.
-  compile_group = study._compile_group
+  group_jobs = study._group_jobs
 
-  def slow_compile_group(*args, **kwargs):  # Slower than the main thread's first steps.
+  def slow(job):  # Slower than the main thread's first steps.
     time.sleep(1.0)
-    compile_group(*args, **kwargs)
+    return job()
 
-  monkeypatch.setattr(study, "_compile_group", slow_compile_group)
+  def slow_group_jobs(*args, **kwargs):
+    return [functools.partial(slow, job) for job in group_jobs(*args, **kwargs)]
+
+  monkeypatch.setattr(study, "_group_jobs", slow_group_jobs)
   runs = {}
   for ahead in (False, True):
     monkeypatch.setattr(study, "_cold", lambda group, since, ahead=ahead: ahead)
@@ -180,13 +185,52 @@ def test_programs_compiled_ahead_give_the_same_results(tmp_path, monkeypatch):
   assert not [r for r in phases["compile_programs"] if r["cells"].endswith(", ahead")]
 
 
+def test_compile_ahead_threads_run_jobs_at_once_and_a_group_waits_for_its_follow_ups():
+  ahead = study._AheadCompiles(["a", "b"])
+  together = threading.Barrier(2, timeout=30)  # Passes only when two jobs run at once.
+  ran = []
+
+  def job(name, follow=(), meet=False):
+    def run():
+      if meet:
+        together.wait()
+      ran.append((name, ahead.ready[name[0]].is_set()))  # Its group's event, as it runs.
+      return list(follow)
+
+    return run
+
+  def fails():
+    raise RuntimeError("a compile that fails")
+
+  ahead.add("a", [job("a0", meet=True)])
+  ahead.add("b", [job("b0", follow=[job("b1"), fails], meet=True)])  # As a later group's init.
+  threads = [threading.Thread(target=ahead.work) for _ in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout=60)
+  assert not any(thread.is_alive() for thread in threads)
+  assert sorted(ran) == [("a0", False), ("b0", False), ("b1", False)]
+  assert ahead.ready["a"].is_set() and ahead.ready["b"].is_set()  # The failure too counted.
+  # Stopped, the jobs not started are dropped and every group is ready for the main thread.
+  stopped = study._AheadCompiles(["c"])
+  stopped.add("c", [job("c0")])
+  assert not stopped.ready["c"].is_set()
+  stopped.stop()
+  stopped.work()
+  assert stopped.ready["c"].is_set() and [name for name, *_ in ran].count("c0") == 0
+
+
 def test_programs_compiled_ahead_for_a_group_not_started_serve_its_calls(tmp_path, monkeypatch):
   """What the compile-ahead thread does for the later groups: from shapes alone, the very
   programs the study then calls (else it would only waste time)."""
   config = tiny_config()
   study.run_study(config, str(tmp_path / "plain"))
   groups = study.group_cells(config_lib.expand_cells(config))
-  study._compile_later(groups[0], study.budget_bytes(config), jnp.zeros(()).dtype)
+  jobs = study._init_job(groups[0], study.budget_bytes(config), jnp.zeros(()).dtype)
+  assert len(jobs) == 3  # dynamics, the 1-epoch training call, evaluate.
+  for job in jobs:
+    assert job() == []
   monkeypatch.setattr(study, "group_cells", lambda cells: groups)
   study.run_study(config, str(tmp_path / "ahead"))
   phases = json.loads((tmp_path / "ahead" / "results.json").read_text())["phases"]
