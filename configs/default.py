@@ -61,6 +61,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.study.checkpoint_seconds = 60.0  # Mid-cell train-state checkpoint interval; 0 = always.
   config.study.epochs_per_call = 10  # Epochs per jitted call, so progress shows while training.
   config.study.eval_every = 0  # Dynamics every k epochs and at 0 (0: epochs 0, E/2 and E).
-  config.study.decodings = []  # Named generate overrides, each decoding the same trained seeds.
+  config.study.decodings = []  # Named generate overrides but prompts, on the same trained seeds.
   config.study.claims = ""  # Claims the report checks: "" (none) or "blog" (research/claims.py).
   return config

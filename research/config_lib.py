@@ -101,6 +101,14 @@ def format_value(value) -> str:
   return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# The prompts a cell's programs continue: one set for all its decodings.
+PROMPT_FIELDS = ("prompts", "include_training_contexts", "max_prompts")
+
+
+def _seq(value):
+  return tuple(value) if isinstance(value, list | tuple) else value
+
+
 def expand_decodings(config) -> tuple[Decoding, ...]:
   """study.decodings as Decodings (each a named generate override); else the base decoding."""
   if not config.study.decodings:
@@ -119,6 +127,13 @@ def expand_decodings(config) -> tuple[Decoding, ...]:
       validate(updated)
     except ConfigError as e:
       raise ConfigError(f"decoding {name!r}: {e}") from None
+    for field in PROMPT_FIELDS:  # Checked after validation: unknown fields are named first.
+      if _seq(updated.generate[field]) != _seq(config.generate[field]):
+        raise ConfigError(
+          f"decoding {name!r}: generate.{field} cannot differ between decodings (every "
+          "decoding continues the cell's prompts, so they compare seed by seed); set "
+          f"generate.{field} for the whole study or in a scenario"
+        )
     out.append(Decoding(name, updated.generate))
   return tuple(out)
 

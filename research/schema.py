@@ -117,7 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   _int_at_least(s, "study", "max_parallel_seeds", 0, "an int >= 0 (0 = all seeds at once)")
   _int_at_least(s, "study", "epochs_per_call", 1)
-  _int_at_least(s, "study", "eval_every", 0, "an int >= 0 (epochs; 0 = about 5 intervals)")
+  _int_at_least(s, "study", "eval_every", 0, "an int >= 0 (epochs; 0 = epochs 0, E/2 and E)")
   _int_at_least(s, "study", "memory_budget_mb", 0, "an int >= 0 (MiB; 0 = a safe share)")
   _check(isinstance(s.save_models, bool), "study.save_models", "True or False", s.save_models)
   _check(

@@ -38,6 +38,9 @@ def test_decodings_expand_with_the_cells():
   assert cell.decodings[1].generate.temperature == 0.5
   assert cell.decodings[0].generate.length == config.generate.length
   assert cell.label("t") == "default@t"
+  # The cell's own prompts, restated (a list for its tuple), are no override.
+  config.study.decodings = [dict(name="same", prompts=list(config.generate.prompts))]
+  assert config_lib.expand_cells(config)[0].decodings[0].generate.prompts == ("the",)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +50,8 @@ def test_decodings_expand_with_the_cells():
     ([dict(name="a"), dict(name="a")], "duplicate decoding name 'a'"),
     ([dict(name="hot", temperature=-1.0)], "decoding 'hot': config.generate.temperature"),
     ([dict(name="x", beam=4)], "unknown or non-overridable config field 'generate.beam'"),
+    ([dict(name="p", prompts=("a",))], "decoding 'p': generate.prompts cannot differ"),
+    ([dict(name="m", max_prompts=2)], "decoding 'm': generate.max_prompts cannot differ"),
   ],
 )
 def test_bad_decodings_are_config_errors(decodings, message):
