@@ -177,7 +177,7 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    fail(f"{e}\nPass --helpshort for the flags.", USAGE)
+    fail(f"{' '.join(str(e).split())} (--helpshort lists the flags)", USAGE)
   except SyntaxError as e:
     fail(f"cannot load the --config file: {config_load_error(e)}", USAGE)
   except (AttributeError, KeyError, TypeError, ValueError, ImportError, OSError) as e:
@@ -205,38 +205,48 @@ def main(argv):
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  phases = {}
+
+  def note() -> None:
+    """The note, and its seconds in the phases: written before the study lets go of the lock."""
+    # Imported here: matplotlib is half of run.py's imports, and --workers' workers never
+    # write the note.
+    from research import report  # noqa: PLC0415
+
+    phases.update(workdir.load(FLAGS.workdir).phases)
+    t = time.time()
+    report.write_report(FLAGS.workdir)
+    phases.update(report=time.time() - t, total=time.time() - STARTED)
+    workdir.record_phases(FLAGS.workdir, phases)
+
   try:
     if FLAGS.reevaluate and worker is not None:
       rows = study.reevaluate_study(config, FLAGS.workdir, (worker.first, worker.last))
     elif FLAGS.reevaluate and count > 1:
-      rows = workers.reevaluate_study(config, FLAGS.workdir, count, sys.argv, STARTED)
+      rows = workers.reevaluate_study(config, FLAGS.workdir, count, sys.argv, STARTED, note)
     elif FLAGS.reevaluate:
-      rows = study.reevaluate_study(config, FLAGS.workdir)
+      rows = study.reevaluate_study(config, FLAGS.workdir, note=note)
     elif count > 1:
-      rows = workers.run_study(config, FLAGS.workdir, FLAGS.overwrite, count, sys.argv, STARTED)
-    else:
-      first_group = worker.index if worker is not None else 0  # Workers: different programs.
-      rows = study.run_study(
-        config, FLAGS.workdir, FLAGS.overwrite, started=STARTED, first_group=first_group
+      rows = workers.run_study(
+        config, FLAGS.workdir, FLAGS.overwrite, count, sys.argv, STARTED, note
       )
+    elif worker is not None:  # Worker k starts at group k (different programs); no note.
+      rows = study.run_study(
+        config, FLAGS.workdir, FLAGS.overwrite, started=STARTED, first_group=worker.index
+      )
+    else:
+      rows = study.run_study(config, FLAGS.workdir, FLAGS.overwrite, started=STARTED, note=note)
     if worker is not None:
       return  # The parent merges and reports.
     if not hosts.is_writer():
       print(f"process {jax.process_index()}: done; process 0 writes the results in {FLAGS.workdir}")
       return
-    phases = workdir.load(FLAGS.workdir).phases
-    t = time.time()
-    # Imported here: matplotlib is half of run.py's imports, and --workers' workers never
-    # write the note.
-    from research import report  # noqa: PLC0415
-
-    report.write_report(FLAGS.workdir)
-    phases = dict(phases, report=time.time() - t, total=time.time() - STARTED)
-    workdir.record_phases(FLAGS.workdir, phases)
   except (config_lib.ConfigError, data.DataError) as e:
     fail(str(e), USAGE)
   except (workdir.WorkdirError, files.WriteError) as e:
     fail(str(e), RUNTIME)
+  except OSError as e:  # A file the tool could not read, move or delete (a shared workdir).
+    fail(f"{type(e).__name__}: {e}", RUNTIME)
   except (jax.errors.JaxRuntimeError, ValueError) as e:
     if not (FLAGS.distributed and hosts.is_peer_failure(e)):
       raise
@@ -263,6 +273,8 @@ def main(argv):
     # Not sys.exit: finalising the interpreter while XLA's threads still run a compilation or
     # a computation crashed it (exit 139). Every file is already written atomically.
     os._exit(INTERRUPTED)
+  from research import report  # noqa: PLC0415  # Loaded by note() already.
+
   print(results.format_table(rows))
   print(f"phases: {report.format_phases(phases)}")
   compiles = report.format_compiles(phases)

@@ -14,7 +14,17 @@ class WriteError(OSError):
 
 
 def _umask() -> int:
-  mask = os.umask(0)  # The only portable way to read the umask is to set it.
+  """The process's umask, read without setting it where /proc says it (Linux): setting it,
+  the only portable way to read it, opens a moment in which files other threads create (JAX's
+  compilation cache, from the compile-ahead threads) get mode 0666."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0)
   os.umask(mask)
   return mask
 

@@ -873,6 +873,7 @@ def run_study(
   overwrite: bool = False,
   started: float | None = None,
   first_group: int = 0,
+  note=None,
 ) -> list[results.Row]:
   """Runs every unfinished cell of `config` into `directory`; returns the results rows.
 
@@ -880,7 +881,8 @@ def run_study(
   for the start-up phase; default now. first_group: the group to run first, then the others
   in turn: run.py --workers' worker k starts at group k, so that with an empty compilation
   cache the workers compile different programs first and then load each other's from the
-  cache, rather than all compile the same ones at once.
+  cache, rather than all compile the same ones at once. note: called once the results are
+  written, the workdir still locked, on the process that writes (run.py writes the note).
   """
   start = started or time.time()
   cells = config_lib.expand_cells(config)
@@ -893,7 +895,15 @@ def run_study(
     lambda: workdir.open_for_study(directory, config, overwrite, corpora(cells)), _REFUSALS
   )
   with opened or contextlib.nullcontext():
-    return _run(config, cells, groups, directory, start)
+    rows = _run(config, cells, groups, directory, start)
+    _note(note)
+    return rows
+
+
+def _note(note) -> None:
+  """Calls run.py's note writer, if any, on the process that writes (inside the lock)."""
+  if note is not None and hosts.is_writer():
+    note()
 
 
 # What opening a workdir may raise on process 0, passed on to every process.
@@ -948,7 +958,7 @@ def _phases(timing: "_Timing", startup: float, compile_before, total: float) -> 
   )
 
 
-def reevaluate_study(config, directory: str, block: tuple[int, int] | None = None):
+def reevaluate_study(config, directory: str, block: tuple[int, int] | None = None, note=None):
   """Evaluates a finished study's saved models again with config's decodings: no training.
 
   Only generate.* and study.decodings may differ from the config that trained them; loss
@@ -956,6 +966,7 @@ def reevaluate_study(config, directory: str, block: tuple[int, int] | None = Non
   --workers worker's seeds (first, last, before study.seed_offset); it decodes only those and
   writes its cells to its worker folder (workdir.reevaluation_out), for the parent to merge: the
   parent holds the workdir's lock and checked the config. Returns the rows (none for a block).
+  note: as run_study's.
   """
   start, compile_before = time.time(), _CLOCK.mark()
   cells = config_lib.expand_cells(config)
@@ -1011,7 +1022,9 @@ def reevaluate_study(config, directory: str, block: tuple[int, int] | None = Non
       return []
     total = time.time() - start
     phases = dict(evaluate=total, **_CLOCK.since(compile_before), total=total)
-    return workdir.write_results(directory, cells, config.study.seeds, total, phases)
+    rows = workdir.write_results(directory, cells, config.study.seeds, total, phases)
+    _note(note)
+    return rows
 
 
 def _load_sharded(trainer, first: int, last: int, path: str, sharding, rows=None):

@@ -15,6 +15,7 @@ report.md, *.png         the note
 manifest is not a study workdir and is refused.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -116,8 +117,8 @@ def _check_location(directory: str) -> None:
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise WorkdirError(f"--workdir {directory!r} is not writable: it is a file")
   has_files = os.path.isdir(directory) and any(
-    name not in (MANIFEST, LOCK) for name in os.listdir(directory)
-  )
+    name != MANIFEST and not name.startswith(LOCK) for name in os.listdir(directory)
+  )  # LOCK + ".<pid>": a lock being taken (or left by a kill while taking it).
   if has_files and not os.path.exists(os.path.join(directory, MANIFEST)):
     raise WorkdirError(
       f"--workdir {directory!r} has files but holds no collapse-study run (no {MANIFEST}): "
@@ -145,35 +146,87 @@ def _zombie(pid: int) -> bool:
     return False  # No /proc (macOS): os.kill's answer stands.
 
 
-def _acquire_lock(directory: str) -> str:
-  path = os.path.join(directory, LOCK)
-  me = dict(pid=os.getpid(), host=platform.node(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
-  for _ in range(2):
+_HELD: set[str] = set()  # The lock files this process holds.
+# How long a process that took a stale lock over waits before checking it still holds it.
+TAKEOVER_SETTLE_SECONDS = 0.1
+
+
+def _link_lock(mine: str, path: str) -> bool:
+  """Puts the lock file `mine` in place at `path` unless a lock is there; whether it did."""
+  try:
+    os.link(mine, path)
+    return True
+  except FileExistsError:
+    return False
+  except OSError:  # A file system without hard links: create it exclusively, then fill it.
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f, open(mine) as source:
+      f.write(source.read())
+    return True
+
+
+def _acquire_lock(directory: str) -> str:
+  """Takes the workdir's lock file, whose JSON names its holder; a dead holder's is taken over.
+
+  The lock appears with its content at once (written aside, then hard-linked into place,
+  which fails if a lock exists), so no reader sees an empty one. A stale lock is renamed away
+  before the new one is linked; a process that took one over reads the lock again a moment
+  later, and stands down if another process, which had read the same stale lock, replaced it.
+  """
+  path = os.path.join(directory, LOCK)
+  me = dict(pid=os.getpid(), host=platform.node(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+  mine = f"{path}.{os.getpid()}"
+  files.write_text(mine, json.dumps(me))
+  took_over = False
+  try:
+    for _ in range(4):
+      if _link_lock(mine, path):
+        if took_over:
+          time.sleep(TAKEOVER_SETTLE_SECONDS)
+          with contextlib.suppress(OSError, ValueError):
+            if files.read_json(path) != me:
+              continue  # Replaced: the next try finds the other process's live lock.
+        _HELD.add(os.path.abspath(path))
+        return path
       try:
         holder = files.read_json(path)
+      except FileNotFoundError:
+        continue  # Released, or taken over by another process, meanwhile: try again.
       except (OSError, ValueError):
         holder = {}
       same_host = holder.get("host") == platform.node()
-      if same_host and isinstance(holder.get("pid"), int) and _pid_alive(holder["pid"]):
+      pid = holder.get("pid")
+      # Our own pid in a lock this process does not hold: a run before a restart (a
+      # container's pid 1 again), dead.
+      mine_before = pid == os.getpid() and os.path.abspath(path) not in _HELD
+      alive = isinstance(pid, int) and not mine_before and _pid_alive(pid)
+      if same_host and alive:
         raise WorkdirError(
-          f"--workdir {directory!r} is in use by pid {holder['pid']} on {holder['host']} "
+          f"--workdir {directory!r} is in use by pid {pid} on {holder['host']} "
           f"(since {holder.get('started', '?')}); wait for it, or use another workdir"
-        ) from None
+        )
       if holder and not same_host:
         raise WorkdirError(
-          f"--workdir {directory!r} is locked by pid {holder.get('pid')} on host "
+          f"--workdir {directory!r} is locked by pid {pid} on host "
           f"{holder.get('host')}; if that run is dead, delete {path}"
-        ) from None
-      logging.warning("taking over the stale lock of dead pid %s in %s", holder.get("pid"), path)
-      os.unlink(path)
-      continue
-    with os.fdopen(fd, "w") as f:
-      json.dump(me, f)
-    return path
-  raise WorkdirError(f"cannot take the lock {path}")
+        )
+      logging.warning("taking over the stale lock of dead pid %s in %s", pid, path)
+      with contextlib.suppress(FileNotFoundError):  # Another process took it over first.
+        os.rename(path, f"{mine}.stale")
+        os.unlink(f"{mine}.stale")
+      took_over = True
+  finally:
+    os.unlink(mine)
+  raise WorkdirError(f"cannot take the lock {path}: other processes keep taking it")
+
+
+def _release(lock: str) -> None:
+  _HELD.discard(os.path.abspath(lock))
+  if os.path.exists(lock):
+    os.unlink(lock)
 
 
 @dataclasses.dataclass
@@ -184,8 +237,7 @@ class Workdir:
   lock: str
 
   def close(self) -> None:
-    if os.path.exists(self.lock):
-      os.unlink(self.lock)
+    _release(self.lock)
 
   def __enter__(self):
     return self
@@ -210,7 +262,7 @@ def open_for_study(directory: str, config, overwrite: bool, corpora: dict | None
   try:
     _prepare(directory, config, overwrite, corpora or {})
   except BaseException:
-    os.unlink(lock)
+    _release(lock)
     raise
   return Workdir(directory, lock)
 
@@ -220,18 +272,34 @@ def open_for_reevaluation(directory: str, config, corpora: dict | None = None) -
   config_path = os.path.join(directory, CONFIG)
   if not os.path.exists(os.path.join(directory, MANIFEST)) or not os.path.exists(config_path):
     raise WorkdirError(f"--workdir {directory!r} holds no finished study to re-evaluate")
-  saved = ml_collections.ConfigDict(files.read_json(config_path)["config"])
+  try:
+    saved = ml_collections.ConfigDict(files.read_json(config_path)["config"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise WorkdirError(f"{config_path} is damaged ({type(e).__name__}: {e})") from None
   old, new = config_lib.training_fingerprint(saved), config_lib.training_fingerprint(config)
   if old != new:
     raise WorkdirError(
       f"--reevaluate: the config trains differently from the one in {directory!r} (training "
       f"fingerprint {old} != {new}); only generate.* and study.decodings may change"
     )
+  # Checked before anything is written: the study must be finished, not interrupted (its
+  # checkpoints are resumed by running the training command again).
+  unfinished = [
+    c.name
+    for c in config_lib.expand_cells(config)
+    if not all(os.path.exists(os.path.join(directory, p)) for p in _cell_relpaths(c.name))
+  ]
+  if unfinished:
+    raise WorkdirError(
+      f"--reevaluate: the study in {directory!r} is not finished ({len(unfinished)} cells "
+      f"not trained, e.g. {unfinished[0]!r}): run it to the end first (the same command "
+      "without --reevaluate resumes it)"
+    )
   lock = _acquire_lock(directory)
   try:
     _write_config(directory, config, corpora or {})
   except BaseException:
-    os.unlink(lock)
+    _release(lock)
     raise
   return Workdir(directory, lock)
 
@@ -403,12 +471,31 @@ def _save_state(directory: str, relpath: str, tree) -> None:
   path = os.path.abspath(os.path.join(directory, relpath))
   if hosts.is_writer():
     _record(directory, relpath)
-    if os.path.exists(path):
-      shutil.rmtree(path)
+    _remove_tree(path)
+    # Checked first: orbax makes its folders in a thread and, refused, reports only a timeout.
+    parent = os.path.dirname(path)
+    try:
+      os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+      raise files.WriteError(f"cannot write {path}: {e.strerror or e}") from None
+    files.write_text(os.path.join(parent, ".write-test"), "ok")
+    os.unlink(os.path.join(parent, ".write-test"))
   hosts.sync(f"save {relpath}")
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, tree)
-  checkpointer.wait_until_finished()  # Orbax writes to a temporary folder, then renames it.
+  try:
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()  # Orbax writes to a temporary folder, then renames it.
+  except OSError as e:
+    raise files.WriteError(f"cannot write {path}: {e}") from None
+
+
+def _remove_tree(path: str) -> None:
+  """Deletes one of the tool's folders (saved models, a checkpoint), if there."""
+  try:
+    if os.path.exists(path):
+      shutil.rmtree(path)
+  except OSError as e:
+    raise files.WriteError(f"cannot delete {path}: {e.strerror or e}") from None
 
 
 def _restore_state(path: str, abstract):
@@ -489,7 +576,7 @@ def remove_models(directory: str, cell_name: str, keep=frozenset()) -> None:
   ranges in `keep` (chunks a resumed run does not train again)."""
   for first, last, path in models_of(directory, cell_name):
     if (first, last) not in keep:
-      shutil.rmtree(path)
+      _remove_tree(path)
 
 
 def _link_or_copy(source: str, target: str) -> None:

@@ -247,11 +247,18 @@ def _plan(config, cells, workers: int, one_cell_at_a_time: bool) -> tuple[list[B
 
 
 def run_study(
-  config, directory: str, overwrite: bool, workers: int, argv: list[str], started: float
+  config,
+  directory: str,
+  overwrite: bool,
+  workers: int,
+  argv: list[str],
+  started: float,
+  note=None,
 ) -> list[results.Row]:
   """Runs the study's unfinished cells on worker processes, merges them; returns the rows.
 
   argv: run.py's command line (sys.argv), which each worker runs with its own overrides.
+  note: called once the results are written, the workdir still locked (study.run_study's).
   """
   cells = config_lib.expand_cells(config)
   blocks, share_mb = _plan(config, cells, workers, one_cell_at_a_time=False)
@@ -278,16 +285,20 @@ def run_study(
       phases = _phases(worker_phases, before, time.time() - started)
     workdir.remove_workers(directory)
     phases["total"] = time.time() - started
-    return workdir.write_results(directory, cells, config.study.seeds, phases["total"], phases)
+    rows = workdir.write_results(directory, cells, config.study.seeds, phases["total"], phases)
+    if note is not None:
+      note()
+    return rows
 
 
 def reevaluate_study(
-  config, directory: str, workers: int, argv: list[str], started: float
+  config, directory: str, workers: int, argv: list[str], started: float, note=None
 ) -> list[results.Row]:
   """run.py --reevaluate on worker processes: each decodes its block of seeds' saved models
   again (study.reevaluate_study), the parent merges their cells; returns the rows.
 
   argv: run.py's command line (sys.argv), which each worker runs with its own budget share.
+  note: as run_study's.
   """
   cells = config_lib.expand_cells(config)
   blocks, share_mb = _plan(config, cells, workers, one_cell_at_a_time=True)
@@ -307,4 +318,7 @@ def reevaluate_study(
     workdir.remove_workers(directory)
     total = time.time() - started
     phases = dict(startup=before, evaluate=total - before, workers=len(blocks), total=total)
-    return workdir.write_results(directory, cells, config.study.seeds, total, phases)
+    rows = workdir.write_results(directory, cells, config.study.seeds, total, phases)
+    if note is not None:
+      note()
+    return rows

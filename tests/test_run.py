@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,9 @@ def test_run_py_reports_config_errors_in_one_line(tmp_path, override, message):
   out = run_tiny(tmp_path / "w", override)
   assert_clean_error(out, message)
   assert not (tmp_path / "w").exists()
+  # One line: besides absl's log lines, stderr holds the error and nothing else.
+  lines = [line for line in out.stderr.splitlines() if not re.match(r"[IWEF]\d{4} ", line)]
+  assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
 
 
 def test_pallas_kernels_under_float64_are_refused_in_one_line(tmp_path):

@@ -331,6 +331,32 @@ def test_reevaluation_decodes_saved_models_again_without_training(tmp_path):
   config.train.epochs = 5
   with pytest.raises(workdir.WorkdirError, match="trains differently"):
     study.reevaluate_study(config, str(tmp_path))
+  # An interrupted study (a cell not written yet) is refused before anything is changed: the
+  # training command must still resume it.
+  config.train.epochs = tiny_config().train.epochs
+  (tmp_path / "cells" / "default.json").unlink()
+  saved = (tmp_path / "config.json").read_bytes()
+  with pytest.raises(workdir.WorkdirError, match="is not finished .*'default'.* resumes it"):
+    study.reevaluate_study(config, str(tmp_path))
+  assert (tmp_path / "config.json").read_bytes() == saved
+  (tmp_path / "config.json").write_text("{")
+  with pytest.raises(workdir.WorkdirError, match="config.json is damaged"):
+    study.reevaluate_study(config, str(tmp_path))
+
+
+def test_the_note_is_written_while_the_workdir_is_still_locked(tmp_path):
+  """run.py writes the note through `note`: a second run cannot start (say --overwrite, and
+  delete results.json) before the note and the phases it adds are written."""
+  seen = []
+
+  def note():
+    lock = json.loads((tmp_path / workdir.LOCK).read_text())
+    seen.append((lock["pid"], (tmp_path / "results.json").exists()))
+
+  study.run_study(tiny_config(), str(tmp_path), note=note)
+  assert seen == [(os.getpid(), True)] and not (tmp_path / workdir.LOCK).exists()
+  study.reevaluate_study(tiny_config(), str(tmp_path), note=note)
+  assert seen[1:] == [(os.getpid(), True)] and not (tmp_path / workdir.LOCK).exists()
 
 
 def count_calls(monkeypatch, interrupt_at: int = 0) -> list:

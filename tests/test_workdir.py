@@ -2,6 +2,7 @@
 
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -9,11 +10,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
 
-from research import config_lib, results, workdir
+from research import config_lib, data, files, results, workdir
+from research import train as train_lib
 
 
 def one_cell(**train):
@@ -69,6 +72,25 @@ def test_cell_round_trip(tmp_path):
   assert arrays.of("greedy")["seed_collapsed"].all()
   with np.load(tmp_path / "cells" / "default.npz") as z:
     assert sorted(z) == ["diverged", "final_loss", "greedy/seed_collapsed"]
+
+
+def test_models_that_cannot_be_written_or_deleted_are_one_line_write_errors(tmp_path, monkeypatch):
+  """Orbax, refused a folder, reported only a timeout from its thread; rmtree a traceback."""
+  trainer = train_lib.make_train(tiny_config(), data.dataset_from_config(tiny_config().data))
+  hparams = train_lib.Hparams(learning_rate=jnp.float32(0.1), dropout=jnp.float32(0.0))
+  states = jax.vmap(lambda s: trainer.init(jax.random.key(s), hparams))(
+    jnp.arange(2, dtype=jnp.uint32)
+  )
+  with opened(tmp_path):
+    (tmp_path / workdir.MODELS_DIR).write_text("a file where the models' folder goes")
+    with pytest.raises(files.WriteError, match="cannot write .*models/default/seeds_0-1"):
+      workdir.save_models(str(tmp_path), "default", np.arange(2), states)
+    (tmp_path / workdir.MODELS_DIR).unlink()
+    workdir.save_models(str(tmp_path), "default", np.arange(2), states)
+    refused = PermissionError(13, "Permission denied")
+    monkeypatch.setattr(workdir.shutil, "rmtree", lambda path: (_ for _ in ()).throw(refused))
+    with pytest.raises(files.WriteError, match="cannot delete .*seeds_0-1: Permission denied"):
+      workdir.remove_models(str(tmp_path), "default")
 
 
 def test_a_workdir_of_another_config_is_refused(tmp_path):
@@ -169,6 +191,50 @@ def test_the_lock_refuses_a_second_run_and_a_dead_holders_lock_is_taken_over(tmp
   with caplog.at_level(logging.WARNING), opened(tmp_path):
     assert json.loads((tmp_path / workdir.LOCK).read_text())["pid"] == os.getpid()
   assert f"stale lock of dead pid {dead.pid}" in caplog.text
+
+
+def _take_lock(directory, start, outcome, hold):
+  start.wait()
+  try:
+    workdir._acquire_lock(directory)
+    outcome.put("took")
+  except workdir.WorkdirError:
+    outcome.put("refused")
+  except BaseException as e:  # noqa: BLE001  # Reported: the test fails on it.
+    outcome.put(f"{type(e).__name__}: {e}")
+  hold.wait()  # A live holder until both have tried.
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["no_lock", "dead_holders_lock"])
+def test_of_two_processes_starting_at_once_exactly_one_takes_the_lock(tmp_path, stale):
+  """Fresh: the lock's content appears with it (a reader saw an empty lock, took it as stale).
+  Stale: both read the dead holder's lock; one replaced the other's new lock, or crashed."""
+  fork = multiprocessing.get_context("fork")  # Only file operations in the children.
+  lock = tmp_path / workdir.LOCK
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  for _ in range(25):
+    lock.unlink(missing_ok=True)
+    if stale:
+      lock.write_text(json.dumps(dict(pid=dead.pid, host=platform.node(), started="then")))
+    start, hold, outcome = fork.Barrier(2), fork.Barrier(2), fork.Queue()
+    procs = [fork.Process(target=_take_lock, args=(str(tmp_path), start, outcome, hold))]
+    procs.append(fork.Process(target=_take_lock, args=(str(tmp_path), start, outcome, hold)))
+    for p in procs:
+      p.start()
+    for p in procs:
+      p.join(timeout=60)
+    assert sorted(outcome.get(timeout=10) for _ in procs) == ["refused", "took"]
+  assert sorted(os.listdir(tmp_path)) == [workdir.LOCK]  # No lock being taken is left.
+
+
+def test_a_lock_with_this_pid_that_this_process_does_not_hold_is_stale(tmp_path, caplog):
+  """After a restart (a container's pid 1 again) a run can find its own pid in a dead lock."""
+  me = dict(pid=os.getpid(), host=platform.node(), started="before the restart")
+  (tmp_path / workdir.LOCK).write_text(json.dumps(me))
+  with caplog.at_level(logging.WARNING), opened(tmp_path):
+    assert json.loads((tmp_path / workdir.LOCK).read_text())["started"] != me["started"]
+  assert f"stale lock of dead pid {os.getpid()}" in caplog.text
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
