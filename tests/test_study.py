@@ -318,10 +318,20 @@ def test_saved_models_reload_and_give_the_same_losses(blog_workdir):
 
 def test_reevaluation_decodes_saved_models_again_without_training(tmp_path):
   config = tiny_config()
-  first = study.run_study(config, str(tmp_path))
+  # run.py writes the note through `note`, before the lock is let go: a second run (say with
+  # --overwrite, deleting results.json) cannot start before the note is written.
+  held = []
+
+  def note():
+    lock = json.loads((tmp_path / workdir.LOCK).read_text())
+    held.append((lock["pid"], (tmp_path / "results.json").exists()))
+
+  first = study.run_study(config, str(tmp_path), note=note)
+  assert held == [(os.getpid(), True)] and not (tmp_path / workdir.LOCK).exists()
   before = load_per_seed(tmp_path)
   config.study.decodings = [dict(name="greedy"), dict(name="hot", strategy="temperature")]
-  rows = study.reevaluate_study(config, str(tmp_path))
+  rows = study.reevaluate_study(config, str(tmp_path), note=note)
+  assert held[1:] == [(os.getpid(), True)] and not (tmp_path / workdir.LOCK).exists()
   assert [r.label for r in rows] == ["default@greedy", "default@hot"]
   after = load_per_seed(tmp_path)
   for key in ("loss_curve", "final_loss", "greedy/seed_collapsed", "greedy/tail_period_P"):
@@ -342,21 +352,6 @@ def test_reevaluation_decodes_saved_models_again_without_training(tmp_path):
   (tmp_path / "config.json").write_text("{")
   with pytest.raises(workdir.WorkdirError, match="config.json is damaged"):
     study.reevaluate_study(config, str(tmp_path))
-
-
-def test_the_note_is_written_while_the_workdir_is_still_locked(tmp_path):
-  """run.py writes the note through `note`: a second run cannot start (say --overwrite, and
-  delete results.json) before the note and the phases it adds are written."""
-  seen = []
-
-  def note():
-    lock = json.loads((tmp_path / workdir.LOCK).read_text())
-    seen.append((lock["pid"], (tmp_path / "results.json").exists()))
-
-  study.run_study(tiny_config(), str(tmp_path), note=note)
-  assert seen == [(os.getpid(), True)] and not (tmp_path / workdir.LOCK).exists()
-  study.reevaluate_study(tiny_config(), str(tmp_path), note=note)
-  assert seen[1:] == [(os.getpid(), True)] and not (tmp_path / workdir.LOCK).exists()
 
 
 def count_calls(monkeypatch, interrupt_at: int = 0) -> list:
