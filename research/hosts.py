@@ -161,39 +161,42 @@ REINTERRUPT_SECONDS = 0.5
 
 
 def reliable_interrupts() -> None:
-  """Makes Ctrl-C stop the run even where JAX swallows its KeyboardInterrupt.
+  """Makes Ctrl-C, and SIGTERM (a scheduler's time limit, `timeout`), stop the run cleanly,
+  even where JAX swallows its KeyboardInterrupt.
 
-  Python raises a SIGINT's KeyboardInterrupt in whatever Python code runs next, and where that
-  is JAX's garbage-collection callback (jax/_src/lib/__init__.py, run from gc.callbacks, where
-  Python prints an exception and ignores it) or one of its bare `except:` clauses, the
-  interrupt is lost and the run goes on: seen here when Ctrl-C came during compilation. So
-  after a SIGINT, KeyboardInterrupt is raised again every REINTERRUPT_SECONDS until the process
-  exits. Left alone where SIGINT is ignored (a shell's background job) or handled by another.
+  Both raise KeyboardInterrupt: the workdir's lock is let go and run.py says how to resume
+  (exit 130), where SIGTERM's default would end the process without a word. Python raises it
+  in whatever Python code runs next, and where that is JAX's garbage-collection callback
+  (jax/_src/lib/__init__.py, run from gc.callbacks, where Python prints an exception and
+  ignores it) or one of its bare `except:` clauses, the interrupt is lost and the run goes on:
+  seen here when Ctrl-C came during compilation. So after the signal, KeyboardInterrupt is
+  raised again every REINTERRUPT_SECONDS until the process exits. A signal that is ignored
+  (SIGINT in a shell's background job) or handled by another is left alone.
   """
-  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-    return
-
   interrupted = False
   print_unraisable = sys.unraisablehook
 
-  def again() -> None:
+  def again(signum: int) -> None:
     while True:
       time.sleep(REINTERRUPT_SECONDS)
-      _thread.interrupt_main(signal.SIGINT)
+      _thread.interrupt_main(signum)
 
   def handler(signum, frame):
     nonlocal interrupted
     if not interrupted:
       interrupted = True
-      threading.Thread(target=again, daemon=True, name="reinterrupt").start()
+      threading.Thread(target=again, args=(signum,), daemon=True, name="reinterrupt").start()
     raise KeyboardInterrupt
 
   def unraisable(report) -> None:  # The swallowed one is raised again: no "Exception ignored".
     if not issubclass(report.exc_type, KeyboardInterrupt):
       print_unraisable(report)
 
-  sys.unraisablehook = unraisable
-  signal.signal(signal.SIGINT, handler)
+  defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+  for signum, default in defaults.items():
+    if signal.getsignal(signum) is default:
+      signal.signal(signum, handler)
+      sys.unraisablehook = unraisable
 
 
 def die_with_parent() -> None:

@@ -41,16 +41,18 @@ from research import hosts
 signal.signal(signal.SIGINT, signal.default_int_handler)
 hosts.reliable_interrupts()
 
+SIGNAL = getattr(signal, sys.argv[2])  # SIGINT (Ctrl-C) or SIGTERM (a scheduler's).
+
 class Finalizer:
   def __del__(self):
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), SIGNAL)
     time.sleep(5)
 
 if sys.argv[1] == "finalizer":
   Finalizer()
 else:
   try:
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), SIGNAL)
     time.sleep(5)
   except:  # noqa: E722
     pass
@@ -67,9 +69,10 @@ print("lost", flush=True)
 
 
 @pytest.mark.parametrize("where", ["bare_except", "finalizer"])
-def test_a_swallowed_interrupt_is_raised_again(where):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_swallowed_interrupt_is_raised_again(where, sig):
   out = subprocess.run(
-    [sys.executable, "-c", SWALLOWED, where], cwd=ROOT, env=subprocess_env(),
+    [sys.executable, "-c", SWALLOWED, where, sig], cwd=ROOT, env=subprocess_env(),
     capture_output=True, text=True, timeout=60,
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
@@ -79,12 +82,19 @@ def test_a_swallowed_interrupt_is_raised_again(where):
 
 
 def test_interrupts_are_left_alone_where_sigint_is_ignored():
-  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  before = (
+    signal.signal(signal.SIGINT, signal.SIG_IGN),
+    signal.signal(signal.SIGTERM, signal.SIG_DFL),
+  )
+  hook = sys.unraisablehook
   try:
     hosts.reliable_interrupts()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM: handled.
   finally:
-    signal.signal(signal.SIGINT, before)
+    signal.signal(signal.SIGINT, before[0])
+    signal.signal(signal.SIGTERM, before[1])
+    sys.unraisablehook = hook
 
 
 # What JAX's coordination client prints when it aborts a process whose peer died.

@@ -173,8 +173,13 @@ MOMENTS = {
 }
 
 
-@pytest.mark.parametrize("moment", sorted(MOMENTS))
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+KILLS = [(sig, moment) for sig in (signal.SIGKILL, signal.SIGINT) for moment in sorted(MOMENTS)]
+KILLS += [(signal.SIGTERM, moment) for moment in ("first_chunk", "training_b")]  # A scheduler.
+
+
+@pytest.mark.parametrize(
+  "sig, moment", KILLS, ids=[f"{signal.Signals(s).name}-{m}" for s, m in KILLS]
+)
 def test_killed_run_resumes_to_identical_results(tmp_path, sig, moment, uninterrupted):
   config_path, reference = uninterrupted
   workdir = tmp_path / "killed"
@@ -190,9 +195,10 @@ def test_killed_run_resumes_to_identical_results(tmp_path, sig, moment, uninterr
   proc.wait(timeout=120)
   stderr = log.read_text()
   assert not (workdir / "results.json").exists(), "the run finished before it was killed"
-  if sig == signal.SIGINT:
+  if sig in (signal.SIGINT, signal.SIGTERM):
     assert proc.returncode == 130, stderr[-3000:]
     assert "run the same command to resume" in stderr and "Fatal Python error" not in stderr
+    assert not (workdir / ".collapse-study.lock").exists()  # Let go: no stale lock.
   else:
     assert proc.returncode == -signal.SIGKILL
   leftovers = [f for f in os.listdir(workdir / "cells") if f.startswith(".tmp")]
