@@ -68,8 +68,9 @@ print("lost", flush=True)
 """
 
 
-@pytest.mark.parametrize("where", ["bare_except", "finalizer"])
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+  "where, sig", [("bare_except", "SIGINT"), ("finalizer", "SIGINT"), ("bare_except", "SIGTERM")]
+)
 def test_a_swallowed_interrupt_is_raised_again(where, sig):
   out = subprocess.run(
     [sys.executable, "-c", SWALLOWED, where, sig], cwd=ROOT, env=subprocess_env(),
