@@ -232,7 +232,12 @@ def main(argv):
       )
     elif worker is not None:  # Worker k starts at group k (different programs); no note.
       rows = study.run_study(
-        config, FLAGS.workdir, FLAGS.overwrite, started=STARTED, first_group=worker.index
+        config,
+        FLAGS.workdir,
+        FLAGS.overwrite,
+        started=STARTED,
+        first_group=worker.index,
+        skip=worker.skip,
       )
     else:
       rows = study.run_study(config, FLAGS.workdir, FLAGS.overwrite, started=STARTED, note=note)

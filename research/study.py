@@ -874,6 +874,7 @@ def run_study(
   started: float | None = None,
   first_group: int = 0,
   note=None,
+  skip: tuple[str, ...] = (),
 ) -> list[results.Row]:
   """Runs every unfinished cell of `config` into `directory`; returns the results rows.
 
@@ -883,6 +884,8 @@ def run_study(
   cache the workers compile different programs first and then load each other's from the
   cache, rather than all compile the same ones at once. note: called once the results are
   written, the workdir still locked, on the process that writes (run.py writes the note).
+  skip: cells a --workers worker leaves out (its parent holds them finished); its results
+  are the other cells'.
   """
   start = started or time.time()
   cells = config_lib.expand_cells(config)
@@ -895,7 +898,7 @@ def run_study(
     lambda: workdir.open_for_study(directory, config, overwrite, corpora(cells)), _REFUSALS
   )
   with opened or contextlib.nullcontext():
-    rows = _run(config, cells, groups, directory, start)
+    rows = _run(config, cells, groups, directory, start, skip)
     _note(note)
     return rows
 
@@ -910,7 +913,7 @@ def _note(note) -> None:
 _REFUSALS = (workdir.WorkdirError, files.WriteError, schema.ConfigError)
 
 
-def _run(config, cells, groups, directory: str, start: float) -> list[results.Row]:
+def _run(config, cells, groups, directory: str, start: float, skip=()) -> list[results.Row]:
   compile_before = _CLOCK.mark()
   startup = time.time() - start
   logging.info(
@@ -921,6 +924,7 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
   done = set(
     hosts.share([c.name for c in cells if workdir.cell_done(directory, c)] if writer else None)
   )
+  done |= set(skip)
   pending = [c for c in cells if c.name not in done]
   seed_epochs = sum(c.config.train.epochs for c in pending) * config.study.seeds
   progress = _Progress(len(cells), seed_epochs)
@@ -929,7 +933,10 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
   with _joins_compiles_ahead():
     for group in groups:
       for cell in group.cells:
-        if cell.name in done:
+        if cell.name in skip:
+          logging.info("skipping %s: its parent process holds it finished", cell.name)
+          progress.cell_done(cell.name)
+        elif cell.name in done:
           logging.info("skipping %s: already finished in %s", cell.name, directory)
           progress.cell_done(cell.name)
       if group in pending_groups:
@@ -939,8 +946,8 @@ def _run(config, cells, groups, directory: str, start: float) -> list[results.Ro
   if not writer:
     return []  # Process 0 writes the results.
   return workdir.write_results(
-    directory, cells, config.study.seeds, time.time() - start,
-    _phases(progress.timing, startup, compile_before, time.time() - start),
+    directory, [c for c in cells if c.name not in skip], config.study.seeds,
+    time.time() - start, _phases(progress.timing, startup, compile_before, time.time() - start),
   )  # fmt: skip
 
 

@@ -43,6 +43,7 @@ class Block:
   first: int
   last: int
   cpus: tuple[int, ...]
+  skip: tuple[str, ...] = ()  # Cells the parent holds finished: the worker does not train them.
 
   @property
   def seeds(self) -> int:
@@ -101,7 +102,7 @@ def this_worker() -> Block | None:
   if not spec:
     return None
   fields = json.loads(spec)
-  return Block(**dict(fields, cpus=tuple(fields["cpus"])))
+  return Block(**dict(fields, cpus=tuple(fields["cpus"]), skip=tuple(fields.get("skip", ()))))
 
 
 def start_worker(block: Block) -> None:
@@ -264,6 +265,8 @@ def run_study(
   blocks, share_mb = _plan(config, cells, workers, one_cell_at_a_time=False)
   with workdir.open_for_study(directory, config, overwrite, study.corpora(cells)):
     pending = [c for c in cells if not workdir.cell_done(directory, c)]
+    held = tuple(c.name for c in cells if c.name not in {p.name for p in pending})
+    blocks = [dataclasses.replace(b, skip=held) for b in blocks]  # Not trained again.
     sources = [workdir.worker_dir(directory, b.first, b.last) for b in blocks]
     workdir.remove_workers(directory, keep=sources)  # Those of another split: not resumable.
     phases = dict(startup=time.time() - started, workers=len(blocks))

@@ -66,7 +66,7 @@ def test_blocks_cover_the_seeds_in_order_on_their_own_cpus():
 
 def test_a_worker_reads_its_block_from_its_environment(monkeypatch):
   assert workers.this_worker() is None
-  block = workers.Block(index=1, first=4, last=6, cpus=(2, 3))
+  block = workers.Block(index=1, first=4, last=6, cpus=(2, 3), skip=("a",))
   monkeypatch.setenv(workers.WORKER, json.dumps(vars(block)))
   assert workers.this_worker() == block
 
@@ -98,6 +98,15 @@ def test_two_workers_give_one_process_results_models_and_reevaluation(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   again = run_py(config_path, tmp_path / "two", "--reevaluate")
   assert again.returncode == 0, again.stderr[-3000:]
+  assert_same_results(load_per_seed(tmp_path / "one"), load_per_seed(tmp_path / "two"))
+  # Resumed with cell b unfinished, the workers leave a and c to the parent (here all three
+  # share each training call's chunk, so only their evaluation and files are saved).
+  for suffix in (".json", ".npz"):
+    (tmp_path / "two" / "cells" / f"b{suffix}").unlink()
+  resumed = run_py(config_path, tmp_path / "two", "--workers=2")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  for cell in "ac":  # Worker 0's log, on the terminal.
+    assert f"skipping {cell}: its parent process holds it finished" in resumed.stderr
   assert_same_results(load_per_seed(tmp_path / "one"), load_per_seed(tmp_path / "two"))
 
 
