@@ -899,6 +899,8 @@ def run_study(
   )
   with opened or contextlib.nullcontext():
     rows = _run(config, cells, groups, directory, start, skip)
+    if hosts.is_writer():  # An interrupted --workers run's folders: every cell is in now.
+      workdir.remove_workers(directory)
     _note(note)
     return rows
 

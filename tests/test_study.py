@@ -266,9 +266,13 @@ def test_resume_skips_finished_cells(tmp_path, caplog):
   first = load_per_seed(workdir)
   stamp = os.path.getmtime(tmp_path / "cells" / "a.npz")
   os.unlink(tmp_path / "cells" / "b.json")  # As if the run died before finishing b.
+  stale = tmp_path / study.workdir.WORKERS_DIR / "seeds_0-1"  # An interrupted --workers run's.
+  stale.mkdir(parents=True)
+  (stale / "cells").mkdir()
   with caplog.at_level("INFO"):
     study.run_study(config, workdir)
   assert "skipping a: already finished" in caplog.text
+  assert not (tmp_path / study.workdir.WORKERS_DIR).exists()  # Finished: stale folders go.
   assert os.path.getmtime(tmp_path / "cells" / "a.npz") == stamp
   assert_same_results(first, load_per_seed(workdir))
   study.run_study(config, workdir, overwrite=True)
