@@ -29,6 +29,16 @@ def _umask() -> int:
   return mask
 
 
+def check_writable(directory: str) -> None:
+  """Makes directory if needed, then writes and deletes a file in it: the OSError (its
+  strerror kept) of a place that cannot be written, before any real file is."""
+  os.makedirs(directory, exist_ok=True)
+  probe = os.path.join(directory, ".write-test")
+  with open(probe, "w") as f:
+    f.write("ok")
+  os.unlink(probe)
+
+
 @contextlib.contextmanager
 def _atomic(path: str):
   directory = os.path.dirname(os.path.abspath(path))

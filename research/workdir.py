@@ -168,6 +168,16 @@ def _link_lock(mine: str, path: str) -> bool:
     return True
 
 
+def _still_holds(path: str, me: dict) -> bool:
+  """Whether the lock at path is still `me` a moment after a takeover (unreadable: no, it is
+  being replaced)."""
+  time.sleep(TAKEOVER_SETTLE_SECONDS)
+  try:
+    return files.read_json(path) == me
+  except (OSError, ValueError):
+    return False
+
+
 def _acquire_lock(directory: str) -> str:
   """Takes the workdir's lock file, whose JSON names its holder; a dead holder's is taken over.
 
@@ -184,11 +194,8 @@ def _acquire_lock(directory: str) -> str:
   try:
     for _ in range(4):
       if _link_lock(mine, path):
-        if took_over:
-          time.sleep(TAKEOVER_SETTLE_SECONDS)
-          with contextlib.suppress(OSError, ValueError):
-            if files.read_json(path) != me:
-              continue  # Replaced: the next try finds the other process's live lock.
+        if took_over and not _still_holds(path, me):
+          continue  # Replaced: the next try finds the other process's live lock.
         _HELD.add(os.path.abspath(path))
         return path
       try:
@@ -253,9 +260,7 @@ def open_for_study(directory: str, config, overwrite: bool, corpora: dict | None
   """
   _check_location(directory)
   try:
-    os.makedirs(directory, exist_ok=True)
-    files.write_text(os.path.join(directory, ".write-test"), "ok")
-    os.unlink(os.path.join(directory, ".write-test"))
+    files.check_writable(directory)
   except OSError as e:
     raise WorkdirError(f"--workdir {directory!r} is not writable: {e.strerror or e}") from None
   lock = _acquire_lock(directory)
@@ -473,13 +478,10 @@ def _save_state(directory: str, relpath: str, tree) -> None:
     _record(directory, relpath)
     _remove_tree(path)
     # Checked first: orbax makes its folders in a thread and, refused, reports only a timeout.
-    parent = os.path.dirname(path)
     try:
-      os.makedirs(parent, exist_ok=True)
+      files.check_writable(os.path.dirname(path))
     except OSError as e:
       raise files.WriteError(f"cannot write {path}: {e.strerror or e}") from None
-    files.write_text(os.path.join(parent, ".write-test"), "ok")
-    os.unlink(os.path.join(parent, ".write-test"))
   hosts.sync(f"save {relpath}")
   checkpointer = ocp.StandardCheckpointer()
   try:
